@@ -1,0 +1,367 @@
+"""Typed message schemas: frozen dataclasses to msgpack-ready values and back.
+
+Every message type in paxfs is a frozen dataclass whose fields are annotated
+with a small set of types.  This module turns such an object into plain values
+that msgpack can pack (a dataclass becomes a list of its field values in
+declaration order) and, on receipt, validates raw values against the
+annotations before building the object.  Nothing is pickled; a value of the
+wrong type, a missing or extra field, or an unknown message name raises
+:class:`SchemaError` with a message naming the offending field.
+
+Supported annotations: ``int``, ``bool``, ``float``, ``str``, ``bytes``,
+``None``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``,
+``dict[K, V]``, ``IntEnum`` subclasses, ``NewType`` over any of these, nested
+dataclasses, and unions of *registered* messages (encoded as ``[name, fields]``).
+Decoders are compiled once per type, so decoding costs one closure call per
+value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+Decoder = Callable[[Any, str], Any]
+Encoder = Callable[[Any], Any]
+
+
+class SchemaError(ValueError):
+    """Raw input does not match the declared schema."""
+
+
+_registry: dict[str, type] = {}
+_names: dict[type, str] = {}
+_decoders: dict[Any, Decoder] = {}
+_encoders: dict[Any, Encoder] = {}
+
+
+def message(name: str) -> Callable[[type[T]], type[T]]:
+    """Register a frozen dataclass as a message type under a stable wire ``name``."""
+
+    def register(cls: type[T]) -> type[T]:
+        register_message(name, cls)
+        return cls
+
+    return register
+
+
+def register_message(name: str, cls: type) -> None:
+    """Register ``cls`` (a frozen dataclass) under ``name``; names are unique."""
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__qualname__} must be a frozen dataclass")
+    existing = _registry.get(name)
+    if existing is not None and existing is not cls:
+        raise TypeError(f"message name {name!r} already used by {existing.__qualname__}")
+    _registry[name] = cls
+    _names[cls] = name
+
+
+def message_name(cls: type) -> str:
+    """The wire name under which ``cls`` was registered."""
+    try:
+        return _names[cls]
+    except KeyError:
+        raise TypeError(f"{cls.__qualname__} is not a registered message") from None
+
+
+def encode(value: Any) -> Any:
+    """Turn a dataclass instance (or any supported value) into msgpack-ready values."""
+    return _encoder_for(type(value))(value)
+
+
+def encode_tagged(value: Any) -> list[Any]:
+    """Encode a registered message as ``[name, fields]`` so it can be decoded by name."""
+    return [message_name(type(value)), encode(value)]
+
+
+def decode(annotation: Any, raw: Any, where: str = "message") -> Any:
+    """Validate ``raw`` (as made by :func:`encode`) against ``annotation``."""
+    if dataclasses.is_dataclass(annotation):
+        return _dataclass_decoder_cached(annotation)(raw, where)
+    return _decoder_for(annotation)(raw, where)
+
+
+def decode_tagged(raw: Any, allowed: tuple[type, ...] | None = None) -> Any:
+    """Decode ``[name, fields]`` produced by :func:`encode_tagged`.
+
+    ``allowed`` restricts which registered classes are acceptable here.
+    """
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2 or not isinstance(raw[0], str):
+        raise SchemaError("tagged message: expected [name, fields]")
+    cls = _registry.get(raw[0])
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise SchemaError(f"unknown message type {raw[0][:64]!r}")
+    return _dataclass_decoder_cached(cls)(raw[1], raw[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(Generic[Req, Rep]):
+    """One RPC method: its wire name and its request and reply types.
+
+    ``carries_payload`` / ``returns_payload`` say whether a bulk byte payload
+    travels beside the request or the reply (chunk data does; it bypasses
+    msgpack so that megabytes are not copied into the header).
+    """
+
+    name: str
+    request: type[Req]
+    reply: type[Rep]
+    carries_payload: bool = False
+    returns_payload: bool = False
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _encoder_for(tp: type) -> Encoder:
+    encoder = _encoders.get(tp)
+    if encoder is None:
+        encoder = _build_encoder(tp)
+        _encoders[tp] = encoder
+    return encoder
+
+
+def _build_encoder(tp: type) -> Encoder:
+    if dataclasses.is_dataclass(tp):
+        names = tuple(f.name for f in dataclasses.fields(tp))
+
+        def encode_dataclass(value: Any) -> list[Any]:
+            return [_encode_any(getattr(value, name)) for name in names]
+
+        return encode_dataclass
+    if issubclass(tp, enum.Enum):
+        return lambda value: value.value
+    if tp in (int, bool, float, str, bytes, type(None)):
+        return _identity
+    if issubclass(tp, (bytearray, memoryview)):
+        return bytes
+    if issubclass(tp, (list, tuple)):
+        return lambda value: [_encode_any(item) for item in value]
+    if issubclass(tp, dict):
+        return lambda value: {_encode_any(k): _encode_any(v) for k, v in value.items()}
+    raise TypeError(f"cannot encode values of type {tp.__qualname__}")
+
+
+def _encode_any(value: Any) -> Any:
+    tp = type(value)
+    if tp in (int, str, bytes, bool, float, type(None)):
+        return value
+    if tp in _names:
+        # A nested registered message is tagged, so a field may hold one of
+        # several message types; plain dataclasses nest positionally.
+        return encode_tagged(value)
+    return _encoder_for(tp)(value)
+
+
+# ---------------------------------------------------------------- decoders
+
+
+def _decoder_for(annotation: Any) -> Decoder:
+    decoder = _decoders.get(annotation)
+    if decoder is None:
+        decoder = _build_decoder(annotation)
+        _decoders[annotation] = decoder
+    return decoder
+
+
+def _fail(where: str, expected: str, raw: Any) -> typing.NoReturn:
+    raise SchemaError(f"{where}: expected {expected}, got {type(raw).__name__}")
+
+
+def _build_decoder(annotation: Any) -> Decoder:
+    supertype = getattr(annotation, "__supertype__", None)
+    if supertype is not None:  # NewType
+        return _decoder_for(supertype)
+    if annotation is type(None) or annotation is None:
+        return _decode_none
+    if annotation is bool:
+        return _decode_bool
+    if annotation is int:
+        return _decode_int
+    if annotation is float:
+        return _decode_float
+    if annotation is str:
+        return _decode_str
+    if annotation is bytes:
+        return _decode_bytes
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return _enum_decoder(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if annotation in _names:
+            return _tagged_decoder((annotation,))
+        return _dataclass_decoder(annotation)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _union_decoder(args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return _sequence_decoder(_decoder_for(args[0]), tuple)
+        return _fixed_tuple_decoder(tuple(_decoder_for(a) for a in args))
+    if origin is list:
+        return _sequence_decoder(_decoder_for(args[0]), list)
+    if origin is dict:
+        return _dict_decoder(_decoder_for(args[0]), _decoder_for(args[1]))
+    raise TypeError(f"unsupported schema annotation {annotation!r}")
+
+
+def _decode_none(raw: Any, where: str) -> None:
+    if raw is not None:
+        _fail(where, "nil", raw)
+
+
+def _decode_bool(raw: Any, where: str) -> bool:
+    if type(raw) is not bool:
+        _fail(where, "bool", raw)
+    return raw
+
+
+def _decode_int(raw: Any, where: str) -> int:
+    if type(raw) is not int:
+        _fail(where, "int", raw)
+    return raw
+
+
+def _decode_float(raw: Any, where: str) -> float:
+    if type(raw) is float:
+        return raw
+    if type(raw) is int:
+        return float(raw)
+    _fail(where, "float", raw)
+
+
+def _decode_str(raw: Any, where: str) -> str:
+    if type(raw) is not str:
+        _fail(where, "str", raw)
+    return raw
+
+
+def _decode_bytes(raw: Any, where: str) -> bytes:
+    if type(raw) is not bytes:
+        _fail(where, "bytes", raw)
+    return raw
+
+
+def _enum_decoder(enum_type: type[enum.Enum]) -> Decoder:
+    def decode_enum(raw: Any, where: str) -> enum.Enum:
+        try:
+            return enum_type(raw)
+        except (ValueError, TypeError):
+            raise SchemaError(f"{where}: {raw!r} is not a valid {enum_type.__name__}") from None
+
+    return decode_enum
+
+
+def _dataclass_decoder(cls: type) -> Decoder:
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = tuple(f.name for f in fields)
+    count = len(fields)
+    # Decoders of the fields are resolved lazily: a message may refer to itself.
+    field_decoders: list[Decoder] = []
+
+    def decode_dataclass(raw: Any, where: str) -> Any:
+        if not field_decoders:
+            field_decoders.extend(_decoder_for(hints[name]) for name in names)
+        if type(raw) is not list and type(raw) is not tuple:
+            _fail(where, f"{cls.__name__} fields", raw)
+        if len(raw) != count:
+            raise SchemaError(
+                f"{where}: {cls.__name__} has {count} fields, got {len(raw)}"
+            )
+        values = [
+            decoder(item, f"{where}.{name}")
+            for decoder, item, name in zip(field_decoders, raw, names, strict=True)
+        ]
+        try:
+            return cls(*values)
+        except (ValueError, TypeError) as error:
+            raise SchemaError(f"{where}: {error}") from None
+
+    return decode_dataclass
+
+
+def _tagged_decoder(allowed: tuple[type, ...]) -> Decoder:
+    def decode_one_of(raw: Any, where: str) -> Any:
+        if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
+            _fail(where, "[name, fields]", raw)
+        cls = _registry.get(raw[0])
+        if cls is None or cls not in allowed:
+            raise SchemaError(f"{where}: unexpected message type {raw[0][:64]!r}")
+        return _dataclass_decoder_cached(cls)(raw[1], f"{where}<{raw[0]}>")
+
+    return decode_one_of
+
+
+_plain_decoders: dict[type, Decoder] = {}
+
+
+def _dataclass_decoder_cached(cls: type) -> Decoder:
+    decoder = _plain_decoders.get(cls)
+    if decoder is None:
+        decoder = _dataclass_decoder(cls)
+        _plain_decoders[cls] = decoder
+    return decoder
+
+
+def _union_decoder(args: tuple[Any, ...]) -> Decoder:
+    allows_none = type(None) in args
+    others = tuple(a for a in args if a is not type(None))
+    messages = tuple(a for a in others if dataclasses.is_dataclass(a))
+    if messages and len(messages) == len(others):
+        inner = _tagged_decoder(messages)
+    elif len(others) == 1:
+        inner = _decoder_for(others[0])
+    else:
+        raise TypeError(f"unsupported union {args!r}: only X | None or unions of messages")
+
+    if not allows_none:
+        return inner
+
+    def decode_optional(raw: Any, where: str) -> Any:
+        if raw is None:
+            return None
+        return inner(raw, where)
+
+    return decode_optional
+
+
+def _sequence_decoder(item: Decoder, container: type) -> Decoder:
+    def decode_sequence(raw: Any, where: str) -> Any:
+        if type(raw) is not list and type(raw) is not tuple:
+            _fail(where, "array", raw)
+        return container([item(value, where) for value in raw])
+
+    return decode_sequence
+
+
+def _fixed_tuple_decoder(items: tuple[Decoder, ...]) -> Decoder:
+    def decode_fixed(raw: Any, where: str) -> tuple[Any, ...]:
+        if type(raw) is not list and type(raw) is not tuple:
+            _fail(where, "array", raw)
+        if len(raw) != len(items):
+            raise SchemaError(f"{where}: expected {len(items)} items, got {len(raw)}")
+        return tuple(d(v, where) for d, v in zip(items, raw, strict=True))
+
+    return decode_fixed
+
+
+def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
+    def decode_dict(raw: Any, where: str) -> dict[Any, Any]:
+        if type(raw) is not dict:
+            _fail(where, "map", raw)
+        return {key(k, where): value(v, where) for k, v in raw.items()}
+
+    return decode_dict
