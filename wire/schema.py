@@ -278,9 +278,7 @@ def _dataclass_decoder(cls: type) -> Decoder:
         if type(raw) is not list and type(raw) is not tuple:
             _fail(where, f"{cls.__name__} fields", raw)
         if len(raw) != count:
-            raise SchemaError(
-                f"{where}: {cls.__name__} has {count} fields, got {len(raw)}"
-            )
+            raise SchemaError(f"{where}: {cls.__name__} has {count} fields, got {len(raw)}")
         values = [
             decoder(item, f"{where}.{name}")
             for decoder, item, name in zip(field_decoders, raw, names, strict=True)

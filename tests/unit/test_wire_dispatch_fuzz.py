@@ -1,0 +1,129 @@
+"""Hypothesis fuzzing of the RPC dispatcher: hostile frames never crash it.
+
+Each example feeds frames (well-formed, malformed, truncated, oversized) into
+one side of a real :class:`RpcConnection` and checks that ``run`` returns
+without raising, having either answered or closed with a reason, and that a
+second connection served by the same handlers still works.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.wire_fixtures import ECHO, EchoService, Value
+from wire.framing import FrameLimits, FrameReader, FrameWriter
+from wire.rpc import CANCEL, ERROR, REPLY, REQUEST, RpcConnection
+
+LIMITS = FrameLimits(header_bytes_max=2048, payload_bytes_max=4096)
+METHODS = st.sampled_from(["test.echo", "test.fail", "test.crash", "test.sleep", "nope", ""])
+SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
+BODIES = st.recursive(
+    SCALARS | st.binary(max_size=20), lambda c: st.lists(c, max_size=4), max_leaves=12
+)
+ENVELOPES = st.one_of(
+    st.tuples(
+        st.just(REQUEST), st.integers(-5, 50), METHODS, BODIES, st.none() | st.integers(-5, 5)
+    ),
+    st.tuples(
+        st.just(REQUEST),
+        st.integers(0, 50),
+        METHODS,
+        st.tuples(st.integers(0, 3), st.text(max_size=5)),
+    ),
+    st.tuples(st.sampled_from([REPLY, ERROR, CANCEL, 9]), st.integers(-5, 50), BODIES),
+    st.tuples(st.just(ERROR), st.integers(0, 50), st.integers(0, 200), st.text(max_size=10)),
+    BODIES,
+)
+
+
+def _frame(header: object, payload: bytes) -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(packed), len(payload)) + packed + payload
+
+
+FRAMES = st.one_of(
+    st.builds(
+        lambda h, p: _frame(list(h) if isinstance(h, tuple) else h, p),
+        ENVELOPES,
+        st.binary(max_size=64),
+    ),
+    st.binary(max_size=40),
+    st.builds(lambda n: struct.pack(">II", n, 0), st.integers(0, 2**32 - 1)),
+    st.builds(
+        lambda n: struct.pack(">II", 4, n) + msgpack.packb([0, 1, "x", [], None]),
+        st.integers(4097, 2**32 - 1),
+    ),
+)
+
+
+async def _serve_then_feed(frames: list[bytes], service: EchoService) -> RpcConnection:
+    ours, theirs = trio.testing.memory_stream_pair()
+    connection = RpcConnection(
+        ours,
+        FrameReader(ours, LIMITS),
+        FrameWriter(ours),
+        service.handlers(),
+        peer_name="fuzz",
+        limits=LIMITS,
+    )
+
+    async def drain() -> None:
+        try:
+            while await theirs.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        nursery.start_soon(drain)
+        for data in frames:
+            try:
+                await theirs.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+        with trio.move_on_after(0.05):
+            await connection.wait_closed()
+        await theirs.aclose()
+        with trio.fail_after(5):
+            await connection.wait_closed()
+    return connection
+
+
+async def _healthy_connection_still_works(service: EchoService) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    server = RpcConnection(left, FrameReader(left), FrameWriter(left), service.handlers())
+    client = RpcConnection(right, FrameReader(right), FrameWriter(right))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        nursery.start_soon(client.run)
+        assert await client.call(ECHO, Value(1)) == Value(2)
+        nursery.cancel_scope.cancel()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(FRAMES, max_size=8))
+def test_hostile_frames_never_crash_the_dispatcher(frames: list[bytes]) -> None:
+    service = EchoService()
+
+    async def run() -> None:
+        connection = await _serve_then_feed(frames, service)
+        assert connection.close_reason
+        await _healthy_connection_still_works(service)
+
+    trio.run(run)
+
+
+def test_a_protocol_violation_is_logged_with_its_reason(caplog) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> RpcConnection:
+        return await _serve_then_feed([_frame([7, 1], b"")], EchoService())
+
+    connection = trio.run(run)
+    assert "unknown envelope kind 7" in (connection.close_reason or "")
+    assert "unknown envelope kind 7" in caplog.text

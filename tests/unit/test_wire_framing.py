@@ -1,0 +1,152 @@
+"""Frame limits at and just past each edge, and fuzzing of the frame decoder."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wire.errors import ProtocolError
+from wire.framing import FrameLimits, FrameReader, FrameWriter
+
+LIMITS = FrameLimits(
+    header_bytes_max=4096,
+    payload_bytes_max=1 << 20,
+    container_items_max=100,
+    string_bytes_max=1000,
+    nesting_depth_max=8,
+)
+
+
+def _frame(header: object, payload: bytes = b"") -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(packed), len(payload)) + packed + payload
+
+
+def _read_all(data: bytes, limits: FrameLimits = LIMITS) -> list[tuple[object, object]]:
+    """Decode every frame in ``data``; ProtocolError propagates."""
+
+    async def run() -> list[tuple[object, object]]:
+        send, receive = trio.testing.memory_stream_pair()
+        await send.send_all(data)
+        await send.aclose()
+        reader = FrameReader(receive, limits)
+        frames = []
+        while (frame := await reader.receive()) is not None:
+            frames.append(frame)
+        return frames
+
+    return trio.run(run)
+
+
+def _nested(depth: int) -> object:
+    value: object = 0
+    for _ in range(depth - 1):
+        value = [value]
+    return [value] if depth else 0
+
+
+def test_a_frame_round_trips_with_its_payload() -> None:
+    async def run() -> None:
+        send, receive = trio.testing.memory_stream_pair()
+        writer = FrameWriter(send)
+        await writer.send([1, "x", b"y"], memoryview(b"payload" * 1000))
+        await writer.send({"k": [1, 2]})
+        reader = FrameReader(receive, LIMITS)
+        assert await reader.receive() == ([1, "x", b"y"], bytearray(b"payload" * 1000))
+        assert await reader.receive() == ({"k": [1, 2]}, None)
+
+    trio.run(run)
+
+
+def test_payload_at_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
+    assert len(_read_all(_frame([0], bytes(LIMITS.payload_bytes_max)))) == 1
+    with pytest.raises(ProtocolError, match="payload"):
+        _read_all(_frame([0], bytes(LIMITS.payload_bytes_max + 1)))
+
+
+def test_header_at_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
+    # A bin of n bytes packs to n + 3 bytes (bin16), plus 1 for the list.
+    fits = [bytes(LIMITS.header_bytes_max - 4)]
+    assert len(msgpack.packb(fits)) == LIMITS.header_bytes_max
+    wide = FrameLimits(header_bytes_max=4096, string_bytes_max=10_000)
+    assert len(_read_all(_frame(fits), wide)) == 1
+    with pytest.raises(ProtocolError, match="header"):
+        _read_all(_frame([bytes(LIMITS.header_bytes_max - 3)]), wide)
+
+
+def test_string_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
+    assert _read_all(_frame(["a" * 1000]))[0][0] == ["a" * 1000]
+    with pytest.raises(ProtocolError):
+        _read_all(_frame(["a" * 1001]))
+    with pytest.raises(ProtocolError):
+        _read_all(_frame([b"a" * 1001]))
+
+
+def test_container_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
+    assert _read_all(_frame(list(range(100))))[0][0] == list(range(100))
+    with pytest.raises(ProtocolError):
+        _read_all(_frame(list(range(101))))
+    with pytest.raises(ProtocolError):
+        _read_all(_frame({str(i): i for i in range(101)}))
+
+
+def test_nesting_at_the_limit_is_accepted_and_one_level_more_is_refused() -> None:
+    assert len(_read_all(_frame(_nested(8)))) == 1
+    with pytest.raises(ProtocolError, match="nested"):
+        _read_all(_frame(_nested(9)))
+
+
+def test_a_zero_length_header_is_refused() -> None:
+    with pytest.raises(ProtocolError):
+        _read_all(struct.pack(">II", 0, 0))
+
+
+def test_a_frame_cut_short_is_refused_not_hung_on() -> None:
+    data = _frame([1, 2, 3], b"abcdef")
+    for cut in range(1, len(data)):
+        with pytest.raises(ProtocolError, match="middle"):
+            _read_all(data[:cut])
+
+
+def test_trailing_bytes_inside_a_header_are_refused() -> None:
+    packed = msgpack.packb([1]) + b"\x01"
+    with pytest.raises(ProtocolError):
+        _read_all(struct.pack(">II", len(packed), 0) + packed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_random_bytes_either_decode_or_raise_protocol_error(data: bytes) -> None:
+    try:
+        _read_all(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.binary(max_size=50)
+        | st.text(max_size=50),
+        lambda children: st.lists(children, max_size=5),
+        max_leaves=40,
+    ),
+    st.integers(min_value=0, max_value=200),
+)
+def test_valid_frames_truncated_anywhere_raise_protocol_error(header: object, cut: int) -> None:
+    data = _frame([header], b"p" * 10)
+    truncated = data[: min(cut, len(data) - 1)]
+    try:
+        frames = _read_all(truncated)
+    except ProtocolError:
+        return
+    assert frames == [] and truncated == b""

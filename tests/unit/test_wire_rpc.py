@@ -1,0 +1,242 @@
+"""The RPC layer over real loopback TCP: concurrency, errors, deadlines, dead peers."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import msgpack
+import pytest
+import trio
+
+from tests.wire_fixtures import (
+    BULK,
+    CRASH,
+    ECHO,
+    FAIL,
+    KEY,
+    SLEEP,
+    UNSERVED,
+    EchoService,
+    Value,
+    running_server,
+)
+from wire import schema
+from wire.errors import ConnectionLost, RpcError
+from wire.framing import FrameLimits
+from wire.transport import open_connection
+
+
+async def test_a_call_returns_the_handlers_reply() -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        assert await conn.call(ECHO, Value(41, "x")) == Value(42, "x")
+
+
+async def test_hundreds_of_concurrent_calls_on_one_connection_each_get_their_own_reply() -> None:
+    results: dict[int, Value] = {}
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+
+        async def one(number: int) -> None:
+            # Sleeps of different lengths make replies come back out of order.
+            await conn.call(SLEEP, Value(number % 7))
+            results[number] = await conn.call(ECHO, Value(number))
+
+        async with trio.open_nursery() as nursery:
+            for number in range(500):
+                nursery.start_soon(one, number)
+    assert results == {n: Value(n + 1) for n in range(500)}
+
+
+async def test_a_handler_error_reaches_the_caller_with_its_errno() -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(FAIL, Value(errno.EEXIST, "already"))
+        assert caught.value.code == errno.EEXIST
+        assert "already" in caught.value.message
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+async def test_an_unexpected_handler_exception_is_eio_and_the_server_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(CRASH, Value(0))
+        assert caught.value.code == errno.EIO
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+    assert "ZeroDivisionError" in caplog.text
+
+
+async def test_an_unknown_method_is_enosys() -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(UNSERVED, Value(0))
+        assert caught.value.code == errno.ENOSYS
+
+
+@pytest.mark.parametrize(
+    "body",
+    [[], [1, "x", "extra"], ["not an int", "x"], [True, "x"], None, {"number": 1}],
+)
+async def test_a_request_body_that_breaks_its_schema_is_eproto(body: object) -> None:
+    wrong = schema.Method("test.echo", _RawBody, Value)
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(wrong, _RawBody(body))
+        assert caught.value.code == errno.EPROTO
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+class _RawBody:
+    """A request whose encoding is whatever raw value it wraps (to send bad bodies)."""
+
+    def __init__(self, raw: object) -> None:
+        self.raw = raw
+
+
+schema._encoders[_RawBody] = lambda value: value.raw
+
+
+async def test_a_deadline_fails_the_call_with_etimedout_and_cancels_the_handler() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(SLEEP, Value(10_000), timeout_s=0.2)
+        assert caught.value.code == errno.ETIMEDOUT
+        with trio.fail_after(5):
+            while service.sleeps_cancelled < 1:
+                await trio.sleep(0.01)
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+async def test_cancelling_a_caller_cancels_the_remote_handler() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        with trio.move_on_after(0.2):
+            await conn.call(SLEEP, Value(10_000))
+        with trio.fail_after(5):
+            while service.sleeps_cancelled < 1:
+                await trio.sleep(0.01)
+
+
+async def test_bulk_payloads_travel_both_ways_intact() -> None:
+    data = bytes(range(256)) * (4 * 4096 + 3)
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        reply, payload = await conn.call_with_payload(BULK, Value(0), payload=memoryview(data))
+    assert reply == Value(len(data))
+    assert payload is not None and bytes(payload) == data[::-1]
+
+
+async def test_a_peer_that_dies_mid_call_gives_the_caller_connection_lost_not_a_hang() -> None:
+    async with trio.open_nursery() as nursery:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        async def fake_server() -> None:
+            # Pass the handshake with the real listener code, then die mid-call.
+            from wire.auth import authenticate_as_listener
+            from wire.framing import HANDSHAKE_LIMITS, FrameReader, FrameWriter
+
+            sock, _ = await listener.accept()
+            stream = trio.SocketStream(sock)
+            reader = FrameReader(stream, HANDSHAKE_LIMITS)
+            await authenticate_as_listener(reader, FrameWriter(stream), KEY)
+            reader.limits = FrameLimits()
+            await reader.receive()  # the request arrives...
+            await stream.aclose()  # ...and the server dies before replying
+
+        nursery.start_soon(fake_server)
+        from wire.address import Address
+
+        async with open_connection(Address("127.0.0.1", port), KEY, name="t") as conn:
+            with trio.fail_after(5), pytest.raises(ConnectionLost):
+                await conn.call(SLEEP, Value(1))
+            with pytest.raises(ConnectionLost):
+                await conn.call(ECHO, Value(1))
+        listener.close()
+
+
+def _raw_frame(header: object, payload: bytes = b"") -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(packed), len(payload)) + packed + payload
+
+
+async def _authenticated_raw_socket(address: object) -> trio.SocketStream:
+    from wire.auth import authenticate_as_dialer
+    from wire.framing import HANDSHAKE_LIMITS, FrameReader, FrameWriter
+
+    stream = await trio.open_tcp_stream(address.host, address.port)  # type: ignore[attr-defined]
+    await authenticate_as_dialer(
+        FrameReader(stream, HANDSHAKE_LIMITS), FrameWriter(stream), KEY, "raw"
+    )
+    return stream
+
+
+async def _wait_for_eof(stream: trio.SocketStream) -> None:
+    with trio.fail_after(5):
+        while await stream.receive_some(65536):
+            pass
+
+
+async def test_more_calls_in_flight_than_the_limit_closes_only_that_connection() -> None:
+    from wire.rpc import CALLS_IN_FLIGHT_MAX, REQUEST
+
+    async with running_server() as address:
+        raw = await _authenticated_raw_socket(address)
+        frames = b"".join(
+            _raw_frame([REQUEST, call_id, "test.sleep", [60_000, ""], None])
+            for call_id in range(1, CALLS_IN_FLIGHT_MAX + 2)
+        )
+        async with open_connection(address, KEY, name="bystander") as bystander:
+            await raw.send_all(frames)
+            await _wait_for_eof(raw)
+            assert await bystander.call(ECHO, Value(7)) == Value(8)
+
+
+async def test_exactly_the_in_flight_limit_is_served() -> None:
+    from wire.rpc import CALLS_IN_FLIGHT_MAX, REPLY, REQUEST
+
+    async with running_server() as address:
+        raw = await _authenticated_raw_socket(address)
+        frames = b"".join(
+            _raw_frame([REQUEST, call_id, "test.sleep", [200, ""], None])
+            for call_id in range(1, CALLS_IN_FLIGHT_MAX + 1)
+        )
+        await raw.send_all(frames)
+        unpacker_input = bytearray()
+        replies = 0
+        with trio.fail_after(20):
+            while replies < CALLS_IN_FLIGHT_MAX:
+                data = await raw.receive_some(1 << 20)
+                assert data, "server closed a connection that stayed within the limit"
+                unpacker_input += data
+                while len(unpacker_input) >= 8:
+                    header_length, payload_length = struct.unpack_from(">II", unpacker_input)
+                    end = 8 + header_length + payload_length
+                    if len(unpacker_input) < end:
+                        break
+                    header = msgpack.unpackb(bytes(unpacker_input[8 : 8 + header_length]))
+                    assert header[0] == REPLY
+                    replies += 1
+                    del unpacker_input[:end]
+        await raw.aclose()
+
+
+async def test_a_garbage_frame_closes_that_connection_and_no_other() -> None:
+    async with running_server() as address:
+        raw = await _authenticated_raw_socket(address)
+        async with open_connection(address, KEY, name="bystander") as bystander:
+            await raw.send_all(struct.pack(">II", 5, 0) + b"\xc1\xc1\xc1\xc1\xc1")
+            await _wait_for_eof(raw)
+            assert await bystander.call(ECHO, Value(1)) == Value(2)
+
+
+async def test_a_stranger_speaking_no_protocol_is_dropped() -> None:
+    async with running_server() as address:
+        stranger = await trio.open_tcp_stream(address.host, address.port)
+        await stranger.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await _wait_for_eof(stranger)
+        async with open_connection(address, KEY, name="after") as conn:
+            assert await conn.call(ECHO, Value(1)) == Value(2)

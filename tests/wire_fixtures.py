@@ -1,0 +1,98 @@
+"""Message types and servers shared by the wire tests."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from wire import schema
+from wire.address import Address
+from wire.errors import RpcError
+from wire.framing import DEFAULT_LIMITS, FrameLimits
+from wire.rpc import CallContext, Handlers, WithPayload
+from wire.transport import bound_port, serve
+
+KEY = b"test-cluster-key-0123456789abcdef"
+
+
+@schema.message("test.value")
+@dataclass(frozen=True)
+class Value:
+    number: int
+    text: str = ""
+
+
+ECHO = schema.Method("test.echo", Value, Value)
+FAIL = schema.Method("test.fail", Value, Value)
+CRASH = schema.Method("test.crash", Value, Value)
+SLEEP = schema.Method("test.sleep", Value, Value)
+BULK = schema.Method("test.bulk", Value, Value, carries_payload=True, returns_payload=True)
+UNSERVED = schema.Method("test.unserved", Value, Value)
+
+
+class EchoService:
+    """Handlers that echo, fail on request, crash, sleep, and return payloads."""
+
+    def __init__(self) -> None:
+        self.sleeps_cancelled = 0
+        self.sleeping = 0
+
+    async def echo(self, request: Value, _context: CallContext) -> Value:
+        return Value(request.number + 1, request.text)
+
+    async def fail(self, request: Value, _context: CallContext) -> Value:
+        raise RpcError(request.number or errno.ENOENT, f"asked to fail: {request.text}")
+
+    async def crash(self, request: Value, _context: CallContext) -> Value:
+        raise ZeroDivisionError("handler bug")
+
+    async def sleep(self, request: Value, _context: CallContext) -> Value:
+        self.sleeping += 1
+        try:
+            await trio.sleep(request.number / 1000)
+        except trio.Cancelled:
+            self.sleeps_cancelled += 1
+            raise
+        finally:
+            self.sleeping -= 1
+        return request
+
+    async def bulk(self, request: Value, context: CallContext) -> WithPayload[Value]:
+        data = bytes(context.payload or b"")
+        return WithPayload(Value(len(data)), data[::-1])
+
+    def handlers(self) -> Handlers:
+        handlers = Handlers()
+        handlers.register(ECHO, self.echo)
+        handlers.register(FAIL, self.fail)
+        handlers.register(CRASH, self.crash)
+        handlers.register(SLEEP, self.sleep)
+        handlers.register(BULK, self.bulk)
+        return handlers
+
+
+@asynccontextmanager
+async def running_server(
+    service: EchoService | None = None,
+    *,
+    key: bytes = KEY,
+    limits: FrameLimits = DEFAULT_LIMITS,
+) -> AsyncIterator[Address]:
+    """Serve ``service`` on 127.0.0.1 (a free port) for the duration of the block."""
+    service = service or EchoService()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            lambda task_status: serve(
+                service.handlers(),
+                key,
+                Address("127.0.0.1", 0),
+                limits=limits,
+                task_status=task_status,
+            )
+        )
+        yield Address("127.0.0.1", bound_port(listeners))
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,275 @@
+"""Length-prefixed msgpack frames over a trio byte stream.
+
+A frame is::
+
+    u32 header_length | u32 payload_length | header (msgpack) | payload (raw bytes)
+
+The header is a small msgpack value (an RPC envelope).  The payload is bulk
+data (chunk contents) that never passes through msgpack: it is written with
+``send_all`` straight from the caller's buffer and read into one preallocated
+buffer, so megabytes are copied once by the kernel and once into that buffer,
+with no Python loop over bytes or blocks.
+
+Every length is checked against :class:`FrameLimits` *before* anything is
+allocated; a violation raises :class:`~wire.errors.ProtocolError`, and the
+owner closes that connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from wire.errors import ProtocolError
+
+PREFIX = struct.Struct(">II")
+PREFIX_BYTES = PREFIX.size
+RECEIVE_BYTES = 256 * 1024
+SMALL_PART_BYTES = 64 * 1024
+
+Payload = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Hard limits on what one frame may contain."""
+
+    header_bytes_max: int = 1024 * 1024
+    payload_bytes_max: int = 16 * 1024 * 1024
+    container_items_max: int = 100_000
+    string_bytes_max: int = 1024 * 1024
+    nesting_depth_max: int = 32
+
+    @functools.cached_property
+    def unpack_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``msgpack.unpackb`` that enforce these limits."""
+        return {
+            "raw": False,
+            "strict_map_key": False,
+            "use_list": True,
+            "max_str_len": self.string_bytes_max,
+            "max_bin_len": self.string_bytes_max,
+            "max_array_len": self.container_items_max,
+            "max_map_len": self.container_items_max,
+            "max_ext_len": 0,
+        }
+
+
+DEFAULT_LIMITS = FrameLimits()
+HANDSHAKE_LIMITS = FrameLimits(
+    header_bytes_max=512,
+    payload_bytes_max=0,
+    container_items_max=8,
+    string_bytes_max=256,
+    nesting_depth_max=2,
+)
+
+
+def pack_header(header: Any) -> bytes:
+    """Encode a header value (bytes stay bytes, str stays str)."""
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def frame_prefix(header_bytes: bytes, payload_length: int) -> bytes:
+    """The fixed prefix followed by the packed header: everything but the payload."""
+    return PREFIX.pack(len(header_bytes), payload_length) + header_bytes
+
+
+def check_depth(value: Any, depth_max: int) -> None:
+    """Refuse containers nested deeper than ``depth_max`` (iterative, no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth > depth_max:
+                raise ProtocolError(f"header nested deeper than {depth_max}")
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, dict):
+            if depth > depth_max:
+                raise ProtocolError(f"header nested deeper than {depth_max}")
+            for key, child in item.items():
+                stack.append((key, depth + 1))
+                stack.append((child, depth + 1))
+
+
+def decode_header(data: bytes | memoryview, limits: FrameLimits) -> Any:
+    """Unpack and depth-check one header; malformed input raises ProtocolError."""
+    try:
+        header = msgpack.unpackb(data, **limits.unpack_options)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
+        raise ProtocolError(f"malformed frame header: {error}") from None
+    except Exception as error:  # msgpack raises assorted types on hostile input
+        raise ProtocolError(f"malformed frame header: {type(error).__name__}") from None
+    if len(data) > limits.nesting_depth_max:
+        # Each level of nesting costs at least one byte, so shorter headers
+        # cannot be too deep and skip the walk.
+        check_depth(header, limits.nesting_depth_max)
+    return header
+
+
+class FrameReader:
+    """Reads whole frames from a stream, enforcing :class:`FrameLimits`.
+
+    ``limits`` may be replaced between frames: a connection reads its
+    handshake under tight limits and then widens them, keeping whatever the
+    reader has already buffered.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limits: FrameLimits = DEFAULT_LIMITS):
+        self._stream = stream
+        self.limits = limits
+        self._buffer = bytearray()
+        self._position = 0
+
+    async def _fill(self, needed: int) -> bool:
+        """Make at least ``needed`` unread bytes available; False on a clean EOF."""
+        while len(self._buffer) - self._position < needed:
+            if self._position:
+                del self._buffer[: self._position]
+                self._position = 0
+            data = await self._stream.receive_some(max(RECEIVE_BYTES, needed))
+            if not data:
+                if self._buffer:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                return False
+            self._buffer += data
+        return True
+
+    async def receive(self) -> tuple[Any, Payload | None] | None:
+        """Return ``(header, payload or None)``, or None when the peer closed cleanly."""
+        if not await self._fill(PREFIX_BYTES):
+            return None
+        header_length, payload_length = PREFIX.unpack_from(self._buffer, self._position)
+        if header_length == 0 or header_length > self.limits.header_bytes_max:
+            raise ProtocolError(
+                f"frame header of {header_length} bytes (limit {self.limits.header_bytes_max})"
+            )
+        if payload_length > self.limits.payload_bytes_max:
+            raise ProtocolError(
+                f"frame payload of {payload_length} bytes (limit {self.limits.payload_bytes_max})"
+            )
+        self._position += PREFIX_BYTES
+        if not await self._fill(header_length):
+            raise ProtocolError("connection closed in the middle of a frame")
+        start = self._position
+        self._position += header_length
+        header = decode_header(memoryview(self._buffer)[start : self._position], self.limits)
+        if payload_length == 0:
+            return header, None
+        return header, await self._receive_payload(payload_length)
+
+    async def _receive_payload(self, length: int) -> Payload:
+        buffered = len(self._buffer) - self._position
+        if buffered >= length:
+            end = self._position + length
+            payload = bytes(memoryview(self._buffer)[self._position : end])
+            self._position = end
+            return payload
+        payload = bytearray(length)
+        view = memoryview(payload)
+        view[:buffered] = memoryview(self._buffer)[self._position :]
+        self._buffer.clear()
+        self._position = 0
+        filled = buffered
+        while filled < length:
+            data = await self._stream.receive_some(min(length - filled, 4 * 1024 * 1024))
+            if not data:
+                raise ProtocolError("connection closed in the middle of a payload")
+            view[filled : filled + len(data)] = data
+            filled += len(data)
+        return payload
+
+
+class FrameWriter:
+    """Writes frames; frames queued by many tasks go out in few ``send_all`` calls.
+
+    Before :meth:`run_flusher` is started (during the handshake) each
+    ``send`` writes its own frame under a lock.  Once the flusher runs,
+    ``send`` only queues its frame and waits: the flusher wakes after every
+    task runnable in the current scheduler batch has queued its frame, and
+    writes them all at once, which under load carries dozens of small frames
+    per system call.  ``send`` returns once its frame has been handed to the
+    kernel: natural back-pressure, and a caller's payload buffer is not
+    touched after ``send`` returns.  A write cut short (timeout, broken peer)
+    leaves the byte stream unusable; the writer is then ``broken`` for good.
+    """
+
+    def __init__(self, stream: trio.abc.SendStream, send_timeout_s: float = 30.0):
+        self._stream = stream
+        self._send_timeout_s = send_timeout_s
+        self._lock = trio.Lock()
+        self._queue: list[Payload] = []
+        self._queue_written = trio.Event()
+        self._work = trio.Event()
+        self._flusher_running = False
+        self.broken = False
+
+    async def send(self, header: Any, payload: Payload | None = None) -> None:
+        """Queue one frame and return once it has been written."""
+        if self.broken:
+            raise trio.ClosedResourceError("frame writer is broken")
+        header_bytes = pack_header(header)
+        payload_length = len(payload) if payload is not None else 0
+        self._queue.append(frame_prefix(header_bytes, payload_length))
+        if payload_length:
+            self._queue.append(payload)  # type: ignore[arg-type]
+        written = self._queue_written
+        if self._flusher_running:
+            self._work.set()
+            await written.wait()
+        else:
+            async with self._lock:
+                if not written.is_set():
+                    await self._write_queue()
+        if self.broken:
+            raise trio.BrokenResourceError("connection broke while writing")
+
+    async def run_flusher(self) -> None:
+        """Write queued frames until the stream breaks; run it in the connection's nursery."""
+        self._flusher_running = True
+        try:
+            while not self.broken:
+                await self._work.wait()
+                self._work = trio.Event()
+                await self._write_queue()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.broken = True
+            self._queue_written.set()
+
+    async def _write_queue(self) -> None:
+        pending, self._queue = self._queue, []
+        written, self._queue_written = self._queue_written, trio.Event()
+        try:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._send_timeout_s) as timeout:
+                    await self._send_parts(pending)
+                if timeout.cancelled_caught:
+                    raise trio.BrokenResourceError(
+                        f"peer did not read for {self._send_timeout_s} s"
+                    )
+        except BaseException:
+            self.broken = True
+            self._queue_written.set()
+            raise
+        finally:
+            written.set()
+
+    async def _send_parts(self, parts: list[Payload]) -> None:
+        small: list[Payload] = []
+        for part in parts:
+            if len(part) >= SMALL_PART_BYTES:
+                if small:
+                    await self._stream.send_all(b"".join(small))
+                    small = []
+                await self._stream.send_all(part)
+            else:
+                small.append(part)
+        if small:
+            await self._stream.send_all(b"".join(small))

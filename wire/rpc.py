@@ -1,0 +1,387 @@
+"""Multiplexed RPC over one authenticated connection.
+
+Either end of a connection may call methods the other end registered: many
+calls run concurrently on one connection, each with a request id, a deadline
+and cancellation.  Envelopes (the frame header) are msgpack lists::
+
+    [REQUEST, call_id, method_name, body, timeout_ms | None]
+    [REPLY,   call_id, body]
+    [ERROR,   call_id, errno_code, message]
+    [CANCEL,  call_id]
+
+``body`` is the request or reply dataclass encoded by :mod:`wire.schema`;
+bulk data travels as the frame payload beside it.
+
+Failure rules:
+
+* a malformed frame, an envelope of the wrong shape, or more than
+  ``calls_in_flight_max`` requests from the peer at once close the connection
+  with a logged reason;
+* an unknown method (ENOSYS), a body that does not match its schema (EPROTO)
+  or a handler that raises get an error reply; the connection stays up;
+* a handler's unexpected exception is logged with its traceback and becomes
+  EIO: it never takes the process down;
+* when the connection dies, every call still waiting fails at once with
+  :class:`~wire.errors.ConnectionLost`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from wire import schema
+from wire.errors import ConnectionLost, ProtocolError, RpcError
+from wire.framing import DEFAULT_LIMITS, FrameLimits, FrameReader, FrameWriter, Payload
+
+log = logging.getLogger(__name__)
+
+REQUEST, REPLY, ERROR, CANCEL = 0, 1, 2, 3
+CALLS_IN_FLIGHT_MAX = 1024
+ERROR_MESSAGE_CHARS_MAX = 1024
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+@dataclass(frozen=True)
+class WithPayload(Generic[Rep]):
+    """A handler's reply together with bulk bytes sent beside it."""
+
+    reply: Rep
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a handler knows about the call: the connection it arrived on."""
+
+    connection: RpcConnection
+    payload: Payload | None
+
+
+Handler = Callable[[Any, CallContext], Awaitable[Any]]
+
+
+class Handlers:
+    """The methods one end of a connection serves, declared by :class:`schema.Method`."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, tuple[schema.Method[Any, Any], Handler]] = {}
+
+    def register(self, method: schema.Method[Req, Rep], handler: Handler) -> None:
+        if method.name in self._table:
+            raise ValueError(f"method {method.name} registered twice")
+        self._table[method.name] = (method, handler)
+
+    def lookup(self, name: str) -> tuple[schema.Method[Any, Any], Handler] | None:
+        return self._table.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._table)
+
+
+NO_HANDLERS = Handlers()
+
+
+class _PendingCall:
+    __slots__ = ("done", "outcome", "payload")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.outcome: Any = None
+        self.payload: Payload | None = None
+
+
+class RpcConnection:
+    """One authenticated, multiplexed RPC connection.
+
+    Build it with :func:`wire.transport.connect` or let
+    :func:`wire.transport.serve` build it; its :meth:`run` loop reads frames
+    until the peer goes away.  ``peer_name`` is the name the peer declared in
+    the handshake (e.g. ``"dataserver-3"``).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        reader: FrameReader,
+        writer: FrameWriter,
+        handlers: Handlers = NO_HANDLERS,
+        *,
+        peer_name: str = "?",
+        limits: FrameLimits = DEFAULT_LIMITS,
+        calls_in_flight_max: int = CALLS_IN_FLIGHT_MAX,
+    ) -> None:
+        self._stream = stream
+        self._reader = reader
+        self._writer = writer
+        self._handlers = handlers
+        self.peer_name = peer_name
+        self._limits = limits
+        self._calls_in_flight_max = calls_in_flight_max
+        self._call_ids = itertools.count(1)
+        self._pending: dict[int, _PendingCall] = {}
+        self._outgoing_slots = trio.Semaphore(calls_in_flight_max)
+        self._incoming: dict[int, trio.CancelScope] = {}
+        self._closed = trio.Event()
+        self.close_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # ------------------------------------------------------------ calling
+
+    async def call(
+        self,
+        method: schema.Method[Req, Rep],
+        request: Req,
+        *,
+        payload: Payload | None = None,
+        timeout_s: float | None = None,
+    ) -> Rep:
+        """Call ``method`` on the peer and return its reply (see :meth:`call_with_payload`)."""
+        reply, _ = await self.call_with_payload(
+            method, request, payload=payload, timeout_s=timeout_s
+        )
+        return reply
+
+    async def call_with_payload(
+        self,
+        method: schema.Method[Req, Rep],
+        request: Req,
+        *,
+        payload: Payload | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[Rep, Payload | None]:
+        """Call ``method``; return ``(reply, reply payload)``.
+
+        Raises :class:`RpcError` with the peer's errno, ETIMEDOUT when
+        ``timeout_s`` passes (the peer is told to cancel), and
+        :class:`ConnectionLost` when the connection dies first.
+        """
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.peer_name} is closed: {self.close_reason}")
+        body = schema.encode(request)
+        pending = _PendingCall()
+        if timeout_s is None:
+            await self._exchange(method.name, body, payload, None, pending)
+        else:
+            timeout_ms = max(1, math.ceil(timeout_s * 1000))
+            with trio.move_on_after(timeout_s) as deadline_scope:
+                await self._exchange(method.name, body, payload, timeout_ms, pending)
+            if deadline_scope.cancelled_caught:
+                raise RpcError(errno.ETIMEDOUT, f"{method.name} to {self.peer_name} timed out")
+        if isinstance(pending.outcome, RpcError):
+            raise pending.outcome
+        try:
+            reply = schema.decode(method.reply, pending.outcome, method.name)
+        except schema.SchemaError as error:
+            raise RpcError(errno.EPROTO, f"bad reply from {self.peer_name}: {error}") from None
+        return reply, pending.payload
+
+    async def _exchange(
+        self,
+        name: str,
+        body: Any,
+        payload: Payload | None,
+        timeout_ms: int | None,
+        pending: _PendingCall,
+    ) -> None:
+        """Send one request and wait for its outcome (stored in ``pending``)."""
+        try:
+            # Skip the checkpoint of an uncontended acquire: it costs a trip
+            # through the scheduler on every call.
+            self._outgoing_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._outgoing_slots.acquire()
+        call_id = next(self._call_ids)
+        self._pending[call_id] = pending
+        try:
+            await self._send([REQUEST, call_id, name, body, timeout_ms], payload)
+            await pending.done.wait()
+        except BaseException:
+            if not pending.done.is_set() and not self.closed:
+                self._cancel_remote_soon(call_id)
+            raise
+        finally:
+            self._pending.pop(call_id, None)
+            self._outgoing_slots.release()
+
+    def _cancel_remote_soon(self, call_id: int) -> None:
+        # Best effort: a cancel that cannot be written now is pointless later.
+        if not self._writer.broken and self._nursery is not None:
+            self._nursery.start_soon(self._send_quietly, [CANCEL, call_id])
+
+    async def _send_quietly(self, header: list[Any]) -> None:
+        try:
+            await self._send(header, None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLost):
+            pass
+
+    async def _send(self, header: list[Any], payload: Payload | None) -> None:
+        try:
+            await self._writer.send(header, payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._close(f"write failed: {error}")
+            raise ConnectionLost(f"connection to {self.peer_name} lost while sending") from None
+
+    # ------------------------------------------------------------ serving
+
+    _nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        """Read and dispatch frames until the peer closes or breaks the protocol."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer.run_flusher)
+                try:
+                    await self._read_loop(nursery)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._close(self.close_reason or "closed")
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                frame = await self._reader.receive()
+            except ProtocolError as error:
+                self._close(f"protocol error from {self.peer_name}: {error}")
+                log.warning("closing connection from %s: %s", self.peer_name, error)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                self._close(f"connection broken: {error}")
+                return
+            if frame is None:
+                self._close("peer closed the connection")
+                return
+            header, payload = frame
+            try:
+                self._dispatch(nursery, header, payload)
+            except ProtocolError as error:
+                self._close(f"protocol error from {self.peer_name}: {error}")
+                log.warning("closing connection from %s: %s", self.peer_name, error)
+                return
+
+    def _dispatch(self, nursery: trio.Nursery, header: Any, payload: Payload | None) -> None:
+        if type(header) is not list or not header or type(header[0]) is not int:
+            raise ProtocolError("envelope is not [kind, call_id, ...]")
+        kind = header[0]
+        if len(header) < 2 or type(header[1]) is not int:
+            raise ProtocolError("envelope without a call id")
+        call_id = header[1]
+        if kind == REQUEST:
+            self._start_request(nursery, header, payload)
+        elif kind == REPLY:
+            if len(header) != 3:
+                raise ProtocolError("reply envelope of the wrong length")
+            self._complete(call_id, header[2], payload)
+        elif kind == ERROR:
+            if len(header) != 4 or type(header[2]) is not int or type(header[3]) is not str:
+                raise ProtocolError("error envelope of the wrong shape")
+            self._complete(call_id, RpcError(header[2], header[3][:ERROR_MESSAGE_CHARS_MAX]), None)
+        elif kind == CANCEL:
+            scope = self._incoming.get(call_id)
+            if scope is not None:
+                scope.cancel()
+        else:
+            raise ProtocolError(f"unknown envelope kind {kind}")
+
+    def _complete(self, call_id: int, outcome: Any, payload: Payload | None) -> None:
+        pending = self._pending.get(call_id)
+        if pending is None or pending.done.is_set():
+            return  # the caller gave up (timeout or cancellation); drop the late reply
+        pending.outcome = outcome
+        pending.payload = payload
+        pending.done.set()
+
+    def _start_request(
+        self, nursery: trio.Nursery, header: list[Any], payload: Payload | None
+    ) -> None:
+        if len(header) != 5 or type(header[2]) is not str:
+            raise ProtocolError("request envelope of the wrong shape")
+        call_id, name, body, timeout_ms = header[1], header[2], header[3], header[4]
+        if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms <= 0):
+            raise ProtocolError("request timeout must be a positive int or nil")
+        if call_id in self._incoming:
+            raise ProtocolError(f"call id {call_id} reused while in flight")
+        if len(self._incoming) >= self._calls_in_flight_max:
+            raise ProtocolError(
+                f"more than {self._calls_in_flight_max} calls in flight on one connection"
+            )
+        scope = trio.CancelScope()
+        if timeout_ms is not None:
+            scope.deadline = trio.current_time() + timeout_ms / 1000
+        self._incoming[call_id] = scope
+        nursery.start_soon(self._serve_request, scope, call_id, name, body, payload)
+
+    async def _serve_request(
+        self, scope: trio.CancelScope, call_id: int, name: str, body: Any, payload: Payload | None
+    ) -> None:
+        envelope: list[Any] = [ERROR, errno.ETIMEDOUT, f"{name}: deadline passed or cancelled"]
+        reply_payload: Payload | None = None
+        try:
+            with scope:
+                envelope, reply_payload = await self._run_handler(name, body, payload)
+            envelope.insert(1, call_id)
+            await self._send(envelope, reply_payload)
+        except ConnectionLost:
+            pass
+        finally:
+            self._incoming.pop(call_id, None)
+
+    async def _run_handler(
+        self, name: str, body: Any, payload: Payload | None
+    ) -> tuple[list[Any], Payload | None]:
+        """Run the handler; return the envelope without its call id, and any payload."""
+        entry = self._handlers.lookup(name)
+        if entry is None:
+            return [ERROR, errno.ENOSYS, f"unknown method {name[:64]!r}"], None
+        method, handler = entry
+        try:
+            request = schema.decode(method.request, body, name)
+        except schema.SchemaError as error:
+            return [ERROR, errno.EPROTO, str(error)[:ERROR_MESSAGE_CHARS_MAX]], None
+        try:
+            result = await handler(request, CallContext(self, payload))
+        except RpcError as error:
+            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]], None
+        except Exception:
+            log.exception("handler for %s failed", name)
+            return [ERROR, errno.EIO, f"internal error in {name}"], None
+        if isinstance(result, WithPayload):
+            return [REPLY, schema.encode(result.reply)], result.payload
+        return [REPLY, schema.encode(result)], None
+
+    def _close(self, reason: str) -> None:
+        if self._closed.is_set():
+            return
+        self.close_reason = reason
+        self._closed.set()
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.outcome = ConnectionLost(f"connection to {self.peer_name} lost: {reason}")
+                pending.done.set()
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with ConnectionLost."""
+        self._close("closed locally")
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self._stream)

@@ -1,0 +1,173 @@
+"""Opening and accepting authenticated RPC connections over TCP."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from wire.address import Address
+from wire.auth import authenticate_as_dialer, authenticate_as_listener
+from wire.errors import AuthenticationFailed, ProtocolError, RpcError
+from wire.framing import DEFAULT_LIMITS, HANDSHAKE_LIMITS, FrameLimits, FrameReader, FrameWriter
+from wire.rpc import NO_HANDLERS, Handlers, RpcConnection
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+ConnectionHook = Callable[[RpcConnection], Awaitable[None]]
+
+
+def _peer_text(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}"
+
+
+async def connect(
+    address: Address,
+    key: bytes,
+    nursery: trio.Nursery,
+    *,
+    name: str,
+    handlers: Handlers = NO_HANDLERS,
+    limits: FrameLimits = DEFAULT_LIMITS,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+) -> RpcConnection:
+    """Dial ``address``, authenticate both ways, and start the connection in ``nursery``.
+
+    Raises :class:`RpcError` (ECONNREFUSED, ETIMEDOUT, EACCES for a key
+    mismatch) with one clear message; nothing is left open on failure.
+    """
+    connection = await _dial(address, key, name, handlers, limits, timeout_s)
+    nursery.start_soon(connection.run)
+    return connection
+
+
+async def _dial(
+    address: Address,
+    key: bytes,
+    name: str,
+    handlers: Handlers,
+    limits: FrameLimits,
+    timeout_s: float,
+) -> RpcConnection:
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise RpcError(errno.ETIMEDOUT, f"connecting to {address} timed out") from None
+    except OSError as error:
+        code = error.errno or errno.ECONNREFUSED
+        raise RpcError(code, f"cannot connect to {address}: {error.strerror or error}") from None
+    reader = FrameReader(stream, HANDSHAKE_LIMITS)
+    writer = FrameWriter(stream)
+    try:
+        await authenticate_as_dialer(reader, writer, key, name)
+    except (AuthenticationFailed, ProtocolError) as error:
+        await trio.aclose_forcefully(stream)
+        raise RpcError(errno.EACCES, f"authentication with {address} failed: {error}") from None
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise RpcError(errno.ETIMEDOUT, f"handshake with {address} timed out") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+        await trio.aclose_forcefully(stream)
+        raise RpcError(errno.ECONNRESET, f"handshake with {address} broke: {error}") from None
+    reader.limits = limits
+    return RpcConnection(stream, reader, writer, handlers, peer_name=str(address), limits=limits)
+
+
+@asynccontextmanager
+async def open_connection(
+    address: Address,
+    key: bytes,
+    *,
+    name: str,
+    handlers: Handlers = NO_HANDLERS,
+    limits: FrameLimits = DEFAULT_LIMITS,
+) -> AsyncIterator[RpcConnection]:
+    """``async with open_connection(...) as connection:`` — closed on exit.
+
+    Exceptions from the body propagate as themselves, not wrapped in an
+    exception group by the nursery that runs the connection.
+    """
+    connection = await _dial(address, key, name, handlers, limits, CONNECT_TIMEOUT_S)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.run)
+            try:
+                yield connection
+            finally:
+                await connection.aclose()
+    except BaseExceptionGroup as group:
+        raise_single(group)
+
+
+async def serve(
+    handlers: Handlers,
+    key: bytes,
+    address: Address,
+    *,
+    limits: FrameLimits = DEFAULT_LIMITS,
+    on_connection: ConnectionHook | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``address`` forever, serving ``handlers`` on each.
+
+    ``task_status.started`` reports the listeners (so a caller that asked for
+    port 0 learns the real one).  A peer that fails the handshake costs one
+    log line and its own connection, nothing else.
+    """
+
+    async def handle(stream: trio.SocketStream) -> None:
+        peer = _peer_text(stream)
+        reader = FrameReader(stream, HANDSHAKE_LIMITS)
+        writer = FrameWriter(stream)
+        try:
+            peer_name = await authenticate_as_listener(reader, writer, key)
+        except (AuthenticationFailed, ProtocolError) as error:
+            log.warning("refused connection from %s: %s", peer, error)
+            await trio.aclose_forcefully(stream)
+            return
+        except trio.TooSlowError:
+            log.warning("refused connection from %s: handshake timed out", peer)
+            await trio.aclose_forcefully(stream)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+            log.info("connection from %s broke during the handshake: %s", peer, error)
+            await trio.aclose_forcefully(stream)
+            return
+        reader.limits = limits
+        connection = RpcConnection(
+            stream, reader, writer, handlers, peer_name=f"{peer_name}@{peer}", limits=limits
+        )
+        async with trio.open_nursery() as nursery:
+            if on_connection is not None:
+                nursery.start_soon(on_connection, connection)
+            await connection.run()
+            nursery.cancel_scope.cancel()
+
+    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+    task_status.started(listeners)
+    await trio.serve_listeners(handle, listeners)
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> typing.NoReturn:
+    """Re-raise the only exception of ``group`` as itself; a true group stays a group."""
+    if len(group.exceptions) == 1:
+        single = group.exceptions[0]
+        if isinstance(single, BaseExceptionGroup):
+            raise_single(single)
+        raise single.with_traceback(single.__traceback__) from None
+    raise group
+
+
+def bound_port(listeners: list[trio.SocketListener]) -> int:
+    """The TCP port the first listener is bound to."""
+    return int(listeners[0].socket.getsockname()[1])
