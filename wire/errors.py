@@ -20,8 +20,14 @@ class RpcError(Exception):
         super().__init__(code, self.message)
 
     def __str__(self) -> str:
-        name = errno.errorcode.get(self.code, str(self.code))
+        name = _NAMES.get(self.code) or errno.errorcode.get(self.code, str(self.code))
         return f"[{name}] {self.message}"
+
+
+# Codes above the errno range, for conditions POSIX has no name for.
+NOT_LEADER = 10_001  # message: the leader's address, or "" when none is known
+STALE_VERSION = 10_002  # a chunk replica of another version than the one asked for
+TOKEN_REFUSED = 10_003  # a chunk access token is forged, altered or expired
 
 
 class ConnectionLost(RpcError):
@@ -29,6 +35,9 @@ class ConnectionLost(RpcError):
 
     def __init__(self, message: str = "connection lost") -> None:
         super().__init__(errno.ECONNRESET, message)
+
+
+_NAMES = {NOT_LEADER: "NOT_LEADER", STALE_VERSION: "STALE_VERSION", TOKEN_REFUSED: "TOKEN_REFUSED"}
 
 
 class ProtocolError(Exception):
