@@ -176,12 +176,18 @@ class FrameReader:
         self._buffer.clear()
         self._position = 0
         filled = buffered
+        sock = getattr(self._stream, "socket", None)
         while filled < length:
-            data = await self._stream.receive_some(min(length - filled, 4 * 1024 * 1024))
-            if not data:
+            if sock is not None:
+                # Straight from the kernel into the payload buffer: one copy.
+                received = await sock.recv_into(view[filled:])
+            else:
+                data = await self._stream.receive_some(length - filled)
+                received = len(data)
+                view[filled : filled + received] = data
+            if not received:
                 raise ProtocolError("connection closed in the middle of a payload")
-            view[filled : filled + len(data)] = data
-            filled += len(data)
+            filled += received
         return payload
 
 

@@ -92,12 +92,37 @@ NO_HANDLERS = Handlers()
 
 
 class _PendingCall:
-    __slots__ = ("done", "outcome", "payload")
+    """One outstanding call: the waiting task is parked directly on trio's
+    scheduler (cheaper than an Event, which matters at tens of thousands of
+    calls per second)."""
+
+    __slots__ = ("finished", "outcome", "payload", "_task")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.finished = False
         self.outcome: Any = None
         self.payload: Payload | None = None
+        self._task: trio.lowlevel.Task | None = None
+
+    async def wait(self) -> None:
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def finish(self, outcome: Any, payload: Payload | None) -> None:
+        self.finished = True
+        self.outcome = outcome
+        self.payload = payload
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task)
+            self._task = None
 
 
 class RpcConnection:
@@ -210,9 +235,9 @@ class RpcConnection:
         self._pending[call_id] = pending
         try:
             await self._send([REQUEST, call_id, name, body, timeout_ms], payload)
-            await pending.done.wait()
+            await pending.wait()
         except BaseException:
-            if not pending.done.is_set() and not self.closed:
+            if not pending.finished and not self.closed:
                 self._cancel_remote_soon(call_id)
             raise
         finally:
@@ -304,11 +329,9 @@ class RpcConnection:
 
     def _complete(self, call_id: int, outcome: Any, payload: Payload | None) -> None:
         pending = self._pending.get(call_id)
-        if pending is None or pending.done.is_set():
+        if pending is None or pending.finished:
             return  # the caller gave up (timeout or cancellation); drop the late reply
-        pending.outcome = outcome
-        pending.payload = payload
-        pending.done.set()
+        pending.finish(outcome, payload)
 
     def _start_request(
         self, nursery: trio.Nursery, header: list[Any], payload: Payload | None
@@ -374,9 +397,10 @@ class RpcConnection:
         self.close_reason = reason
         self._closed.set()
         for pending in self._pending.values():
-            if not pending.done.is_set():
-                pending.outcome = ConnectionLost(f"connection to {self.peer_name} lost: {reason}")
-                pending.done.set()
+            if not pending.finished:
+                pending.finish(
+                    ConnectionLost(f"connection to {self.peer_name} lost: {reason}"), None
+                )
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with ConnectionLost."""
