@@ -1,0 +1,191 @@
+"""Ops on file data and its life cycle: opens, chunk writes, chunk lists, garbage.
+
+A chunk is referenced by exactly one file at one index.  It leaves the file (and goes
+to the deletion queue with its last version) when the file is freed or truncated below
+it; a version bump queues only the old version.  So the queue never names a replica
+that is still current, and no chunk leaves a file without entering the queue.
+"""
+
+from __future__ import annotations
+
+import errno
+from bisect import bisect_left
+
+from wire.ids import ChunkId, ChunkVersion, InodeId
+from wire.namespace_ops import (
+    CHUNK_PAGE_MAX,
+    COMMIT_CHUNKS_MAX,
+    OPEN_FILES_PER_SESSION_MAX,
+    AttrReply,
+    ChunkGoal,
+    ChunkInfo,
+    ChunkListReply,
+    ChunkReply,
+    ChunkScanReply,
+    CommitWrite,
+    DeletionsReply,
+    GetChunks,
+    GetDeletions,
+    OkReply,
+    Open,
+    OpenChunk,
+    Release,
+    ScanChunks,
+)
+
+from ._nodes import CHUNK_FIELDS, DirNode, FileNode
+from ._perms import privileges_to_drop
+from ._state import INT64_MAX, INT64_MIN, Context, OpError, State
+
+OK = OkReply()
+SCAN_INODES_MAX = 16 * CHUNK_PAGE_MAX
+"""Inodes one ScanChunks call may step over, so that a page costs bounded work even in a
+namespace of empty files."""
+
+
+def open_op(state: State, ctx: Context, op: Open) -> AttrReply:
+    session = ctx.session
+    assert session is not None  # only client commands reach open
+    node = state.node(op.inode)
+    if type(node) is DirNode:
+        raise OpError(errno.EISDIR)
+    if session.open_total >= OPEN_FILES_PER_SESSION_MAX:
+        raise OpError(errno.EMFILE)
+    state.add_open(session, node)
+    return AttrReply(node.attr())
+
+
+def release(state: State, ctx: Context, op: Release) -> OkReply:
+    session = ctx.session
+    assert session is not None  # only client commands reach release
+    if op.inode not in session.opens:
+        raise OpError(errno.EBADF)
+    state.release_open(session, op.inode, 1)
+    return OK
+
+
+def open_chunk(state: State, ctx: Context, op: OpenChunk) -> ChunkReply:
+    node = state.regular_file(op.inode)
+    index = op.index
+    if index < 0:
+        raise OpError(errno.EINVAL)
+    if index * state.chunk_size >= state.config.max_file_size_bytes:
+        raise OpError(errno.EFBIG)
+    position = node.chunk_position(index)
+    chunks = node.chunks
+    offset = position * CHUNK_FIELDS
+    if chunks is not None and offset < len(chunks) and chunks[offset] == index:
+        chunk, version = chunks[offset + 1], chunks[offset + 2]
+        state.queue_deletion(chunk, version)
+        version += 1
+        chunks[offset + 2] = version
+        length = chunks[offset + 3]
+    else:
+        chunk, version = state.new_chunk(node, position, index)
+        length = 0
+    return ChunkReply(ChunkId(chunk), ChunkVersion(version), length, node.goal, node.compress)
+
+
+def commit_write(state: State, ctx: Context, op: CommitWrite) -> AttrReply:
+    node = state.regular_file(op.inode)
+    writes = op.writes
+    if len(writes) > COMMIT_CHUNKS_MAX:
+        raise OpError(errno.EINVAL)
+    if op.mtime_ns is not None and not INT64_MIN <= op.mtime_ns <= INT64_MAX:
+        raise OpError(errno.EINVAL)
+    chunk_size = state.chunk_size
+    seen: set[int] = set()
+    for write in writes:
+        if write.index < 0 or write.index in seen or not 0 <= write.end <= chunk_size:
+            raise OpError(errno.EINVAL)
+        seen.add(write.index)
+    size = node.file_size
+    grown: list[tuple[int, int]] = []
+    chunks = node.chunks
+    for write in writes:
+        offset = node.chunk_position(write.index) * CHUNK_FIELDS
+        if (
+            chunks is None
+            or offset >= len(chunks)
+            or chunks[offset] != write.index
+            or chunks[offset + 1] != write.chunk
+            or chunks[offset + 2] != write.version
+        ):
+            raise OpError(errno.ESTALE)
+        end = write.index * chunk_size + write.end
+        if end > state.config.max_file_size_bytes:
+            raise OpError(errno.EFBIG)
+        size = max(size, end)
+        if write.end > chunks[offset + 3]:
+            grown.append((offset, write.end))
+    for offset, length in grown:
+        state.set_chunk_length(node, offset, length)
+    node.file_size = size
+    node.mode &= ~privileges_to_drop(ctx.cred, node)
+    node.mtime_ns = ctx.now_ns if op.mtime_ns is None else op.mtime_ns
+    node.ctime_ns = ctx.now_ns
+    return AttrReply(node.attr())
+
+
+def get_chunks(state: State, ctx: Context, op: GetChunks) -> ChunkListReply:
+    node = state.regular_file(op.inode)
+    if op.first_index < 0 or op.limit < 1:
+        raise OpError(errno.EINVAL)
+    count = node.chunk_count()
+    start = node.chunk_position(op.first_index)
+    stop = min(count, start + min(op.limit, CHUNK_PAGE_MAX))
+    chunks = node.chunks
+    infos: tuple[ChunkInfo, ...] = ()
+    if chunks is not None:
+        infos = tuple(
+            ChunkInfo(
+                chunks[offset],
+                ChunkId(chunks[offset + 1]),
+                ChunkVersion(chunks[offset + 2]),
+                chunks[offset + 3],
+            )
+            for offset in range(start * CHUNK_FIELDS, stop * CHUNK_FIELDS, CHUNK_FIELDS)
+        )
+    return ChunkListReply(node.file_size, state.chunk_size, infos, stop < count)
+
+
+def get_deletions(state: State, ctx: Context, op: GetDeletions) -> DeletionsReply:
+    if op.limit < 1:
+        raise OpError(errno.EINVAL)
+    limit = min(op.limit, CHUNK_PAGE_MAX)
+    return DeletionsReply(state.deletion_entries(limit), len(state.deletions))
+
+
+def scan_chunks(state: State, ctx: Context, op: ScanChunks) -> ChunkScanReply:
+    if op.inode < 0 or op.index < 0 or op.limit < 1:
+        raise OpError(errno.EINVAL)
+    limit = min(op.limit, CHUNK_PAGE_MAX)
+    order = state.ino_order
+    inodes = state.inodes
+    entries: list[ChunkGoal] = []
+    position = bisect_left(order, op.inode)
+    stop = min(len(order), position + SCAN_INODES_MAX)
+    while position < stop:
+        ino = order[position]
+        node = inodes.get(ino)
+        if type(node) is FileNode and node.chunks is not None:
+            chunks = node.chunks
+            first = node.chunk_position(op.index) if ino == op.inode else 0
+            for offset in range(first * CHUNK_FIELDS, len(chunks), CHUNK_FIELDS):
+                if len(entries) >= limit:
+                    return ChunkScanReply(tuple(entries), InodeId(ino), chunks[offset], False)
+                entries.append(
+                    ChunkGoal(
+                        InodeId(ino),
+                        chunks[offset],
+                        ChunkId(chunks[offset + 1]),
+                        ChunkVersion(chunks[offset + 2]),
+                        chunks[offset + 3],
+                        node.goal,
+                        node.compress,
+                    )
+                )
+        position += 1
+    if position < len(order):
+        return ChunkScanReply(tuple(entries), InodeId(order[position]), 0, False)
+    return ChunkScanReply(tuple(entries), InodeId(state.next_ino), 0, True)
