@@ -217,7 +217,7 @@ class LogWriter:
                     with self._latch.fatal_on_error(self._directory, step):
                         self._drop(batch)
                 else:
-                    step = f"appending to {self._segments[-1].name}"
+                    step = f"appending records from {batch[0].first} to the log"
                     with self._latch.fatal_on_error(self._directory, step):
                         self._append(batch)
             except FatalStorageError:

@@ -84,8 +84,10 @@ def segment_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("log-*.seg"))
 
 
-async def write_log(directory: Path, batches: list[list[bytes]], **options: object) -> None:
-    async with open_storage(directory, CLUSTER, StorageOptions(**options)) as storage:  # type: ignore[arg-type]
+async def write_log(
+    directory: Path, batches: list[list[bytes]], options: StorageOptions | None = None
+) -> None:
+    async with open_storage(directory, CLUSTER, options) as storage:
         for batch in batches:
             await storage.append(batch)
 
@@ -199,6 +201,41 @@ async def test_back_pressure_at_the_queue_limit(tmp_path: Path) -> None:
     assert payloads_of(await reopen_records(tmp_path)) == [b"a", b"b", b"c", b"d", b"e"]
 
 
+async def test_queue_bytes_limit_applies_like_the_records_limit(tmp_path: Path) -> None:
+    sync = GatedSync(open_gate=False)
+    options = StorageOptions(fdatasync=sync, queue_bytes_max=64, record_bytes_max=32)
+    async with open_storage(tmp_path, CLUSTER, options) as storage:
+        await storage.submit([bytes(30), bytes(30)])
+        await sync.wait_entered()
+        with pytest.raises(trio.WouldBlock):
+            storage.submit_nowait([bytes(5)])
+        last = storage.submit_nowait([bytes(4)])  # exactly 64 bytes in flight
+        sync.gate.set()
+        await last.wait_durable()
+        storage.submit_nowait([bytes(32), bytes(32)])
+
+
+async def test_write_batches_are_bounded(tmp_path: Path) -> None:
+    sync = GatedSync(open_gate=False)
+    options = StorageOptions(fdatasync=sync, write_batch_bytes_max=250)
+    async with open_storage(tmp_path, CLUSTER, options) as storage:
+        await storage.submit([b"first"])
+        await sync.wait_entered()
+        tickets = [storage.submit_nowait([bytes(100)]) for _ in range(10)]
+        sync.gate.set()
+        await tickets[-1].wait_durable()
+        stats = storage.stats()
+    assert stats.data_syncs == 1 + 5  # two 100-byte records per batch of at most 250 bytes
+    assert stats.batches_written == 6
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="queue_records_max must be positive"):
+        StorageOptions(queue_records_max=0)
+    with pytest.raises(ValueError, match="record_bytes_max must fit"):
+        StorageOptions(queue_bytes_max=10, record_bytes_max=11)
+
+
 async def test_closing_finishes_queued_appends(tmp_path: Path, rng: random.Random) -> None:
     batches = [[rng.randbytes(rng.randrange(200)) for _ in range(rng.randrange(1, 5))]]
     batches += [[rng.randbytes(rng.randrange(200))] for _ in range(50)]
@@ -217,7 +254,9 @@ async def test_segments_roll_over_and_reopen_across_them(
 ) -> None:
     payloads = [rng.randbytes(rng.randrange(1, 300)) for _ in range(200)]
     await write_log(
-        tmp_path, [payloads[i : i + 7] for i in range(0, 200, 7)], segment_bytes_target=2048
+        tmp_path,
+        [payloads[i : i + 7] for i in range(0, 200, 7)],
+        StorageOptions(segment_bytes_target=2048),
     )
     assert len(segment_files(tmp_path)) > 5
     records = await reopen_records(tmp_path)
@@ -274,6 +313,15 @@ async def test_torn_tail_is_cut_and_the_log_goes_on(
     assert payloads_of(await reopen_records(tmp_path)) == expected + [b"four"]
 
 
+async def test_torn_tail_of_the_last_of_several_segments_is_cut(tmp_path: Path) -> None:
+    payloads = [b"%03d" % i * 100 for i in range(12)]
+    await write_log(tmp_path, [[p] for p in payloads], StorageOptions(segment_bytes_target=1000))
+    segments = segment_files(tmp_path)
+    assert len(segments) > 2
+    segments[-1].write_bytes(segments[-1].read_bytes()[:-50])
+    assert payloads_of(await reopen_records(tmp_path)) == payloads[:-1]
+
+
 async def test_corrupt_middle_record_is_refused_and_left_alone(tmp_path: Path) -> None:
     await write_log(tmp_path, [[b"one" * 10, b"two" * 10, b"three" * 10]])
     (segment,) = segment_files(tmp_path)
@@ -290,7 +338,9 @@ async def test_corrupt_middle_record_is_refused_and_left_alone(tmp_path: Path) -
 
 
 async def test_torn_tail_in_a_segment_that_is_not_the_last_is_refused(tmp_path: Path) -> None:
-    await write_log(tmp_path, [[b"x" * 500] for _ in range(10)], segment_bytes_target=1024)
+    await write_log(
+        tmp_path, [[b"x" * 500] for _ in range(10)], StorageOptions(segment_bytes_target=1024)
+    )
     first = segment_files(tmp_path)[0]
     first.write_bytes(first.read_bytes()[:-7])
     with pytest.raises(StorageCorruption, match="not the last"):
@@ -298,7 +348,9 @@ async def test_torn_tail_in_a_segment_that_is_not_the_last_is_refused(tmp_path: 
 
 
 async def test_missing_segment_in_the_middle_is_refused(tmp_path: Path) -> None:
-    await write_log(tmp_path, [[b"x" * 500] for _ in range(10)], segment_bytes_target=1024)
+    await write_log(
+        tmp_path, [[b"x" * 500] for _ in range(10)], StorageOptions(segment_bytes_target=1024)
+    )
     segment_files(tmp_path)[1].unlink()
     with pytest.raises(StorageCorruption, match="the one before ends at"):
         await reopen_records(tmp_path)
@@ -428,6 +480,52 @@ async def test_drop_records_before_removes_whole_old_segments(tmp_path: Path) ->
     assert records[0].number == final and payloads_of(records)[-1] == b"next"
 
 
+async def test_snapshot_size_limit(tmp_path: Path) -> None:
+    async with open_storage(tmp_path, CLUSTER, StorageOptions(snapshot_bytes_max=100)) as storage:
+        await storage.save_snapshot(1, bytes(100))
+        with pytest.raises(ValueError, match="exceeds 100"):
+            await storage.save_snapshot(2, bytes(101))
+        assert storage.snapshot_index == 1
+
+
+async def test_random_operations_match_a_model_across_reopens(
+    tmp_path: Path, rng: random.Random
+) -> None:
+    """Appends, compactions, drops, snapshots and reopens in a seeded random order; after
+    every reopen the storage must hold exactly what the model says."""
+    options = StorageOptions(segment_bytes_target=rng.choice([200, 700, 4096]))
+    model: list[LogRecord] = []
+    snapshot: tuple[int, bytes] | None = None
+    for _ in range(12):
+        async with open_storage(tmp_path, CLUSTER, options) as storage:
+            assert storage.recovered.records == tuple(model)
+            recovered = storage.recovered.snapshot
+            assert snapshot == (None if recovered is None else (recovered.index, recovered.data))
+            for _ in range(rng.randrange(1, 25)):
+                operation = rng.choices(["append", "compact", "drop", "snapshot"], [8, 1, 1, 1])[0]
+                if operation == "append":
+                    batch = [rng.randbytes(rng.randrange(80)) for _ in range(rng.randrange(4))]
+                    numbers = await storage.append(batch)
+                    model += [
+                        LogRecord(RecordNumber(n), p) for n, p in zip(numbers, batch, strict=True)
+                    ]
+                elif operation == "compact":
+                    kept = [rng.randbytes(rng.randrange(80)) for _ in range(rng.randrange(3))]
+                    numbers = await storage.compact(kept)
+                    model = [
+                        LogRecord(RecordNumber(n), p) for n, p in zip(numbers, kept, strict=True)
+                    ]
+                elif operation == "drop":
+                    below = RecordNumber(rng.randrange(1, storage.next_record_number + 2))
+                    retained = await storage.drop_records_before(below)
+                    assert all(r.number < below for r in model if r.number < retained)
+                    model = [r for r in model if r.number >= retained]
+                else:
+                    index = (snapshot[0] if snapshot else 0) + rng.randrange(3)
+                    snapshot = (index, rng.randbytes(rng.randrange(500)))
+                    await storage.save_snapshot(*snapshot)
+
+
 async def test_corrupt_newest_snapshot_is_refused(tmp_path: Path) -> None:
     async with open_storage(tmp_path, CLUSTER) as storage:
         await storage.save_snapshot(5, b"state" * 100)
@@ -452,7 +550,9 @@ async def test_failed_fdatasync_stops_all_writing_and_is_never_retried(tmp_path:
     fatal = FatalRecorder()
     options = StorageOptions(fdatasync=failing_sync, on_fatal=fatal)
     async with open_storage(tmp_path, CLUSTER, options) as storage:
-        with pytest.raises(FatalStorageError, match="appending to log-.*Input/output error"):
+        with pytest.raises(
+            FatalStorageError, match="appending records from 1 .*Input/output error"
+        ):
             await storage.append([b"never acknowledged"])
         with pytest.raises(FatalStorageError):
             await storage.append([b"later"])
