@@ -509,7 +509,7 @@ class _Prefetch:
     start: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
 
     @property
     def end(self) -> int:
@@ -545,15 +545,17 @@ class ChunkReader:
         sequential = offset == self._next_offset
         if not sequential:
             self._ahead.clear()
-        data = await self._read_cached(offset, length)
+        parts = await self._read_cached(offset, length)
+        # The one copy of the client's read path: received buffers into the result.
+        data = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
         self._next_offset = offset + len(data)
         if sequential and len(data) == length and self._readahead_bytes > 0:
             self._extend_readahead(self._next_offset)
         return data
 
-    async def _read_cached(self, offset: int, length: int) -> bytes:
+    async def _read_cached(self, offset: int, length: int) -> list[memoryview]:
         end = offset + length
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         position = offset
         self._ahead = [segment for segment in self._ahead if segment.end > offset]
         for segment in list(self._ahead):
@@ -563,14 +565,14 @@ class ChunkReader:
             if segment.data is None:
                 self._ahead.clear()
                 break
-            piece = segment.data[position - segment.start : end - segment.start]
+            piece = memoryview(segment.data)[position - segment.start : end - segment.start]
             parts.append(piece)
             position += len(piece)
             if segment.start + len(segment.data) < segment.end:
-                return b"".join(parts)  # the replica ends inside this segment
+                return parts  # the replica ends inside this segment
         if position < end:
-            parts.append(await self._fetch(position, end - position))
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+            parts.extend(await self._fetch(position, end - position))
+        return parts
 
     def _extend_readahead(self, start: int) -> None:
         covered = self._ahead[-1].end if self._ahead else start
@@ -588,10 +590,10 @@ class ChunkReader:
         finally:
             segment.done.set()
 
-    async def _fetch(self, offset: int, length: int) -> bytes:
-        """Read ``[offset, offset + length)`` in pieces, several at once."""
+    async def _fetch(self, offset: int, length: int) -> list[memoryview]:
+        """Read ``[offset, offset + length)`` in pieces, several at once; stop at the end."""
         starts = list(range(offset, offset + length, READ_PIECE_BYTES))
-        results: dict[int, bytes] = {}
+        results: dict[int, bytes | bytearray] = {}
         slots = trio.Semaphore(READS_IN_FLIGHT_MAX)
         errors: list[ChunkIoError] = []
 
@@ -606,21 +608,21 @@ class ChunkReader:
                     errors.append(error)
 
         if len(starts) == 1:
-            return await self._read_piece(offset, length)
+            return [memoryview(await self._read_piece(offset, length))]
         async with trio.open_nursery() as nursery:
             for start in starts:
                 nursery.start_soon(one, start)
         if errors:
             raise errors[0]
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         for start in starts:
             piece = results[start]
-            parts.append(piece)
+            parts.append(memoryview(piece))
             if len(piece) < min(READ_PIECE_BYTES, offset + length - start):
                 break
-        return b"".join(parts)
+        return parts
 
-    async def _read_piece(self, offset: int, length: int) -> bytes:
+    async def _read_piece(self, offset: int, length: int) -> bytes | bytearray:
         placement = self.placement
         request = ReadRequest(
             placement.chunk_id, placement.version, offset, length, placement.token
@@ -638,7 +640,9 @@ class ChunkReader:
                 await self._replica_failed(address, error)
                 continue
             invariant(isinstance(reply, ReadReply), "read reply of the wrong type")
-            data = bytes(payload or b"")
+            data = b"" if payload is None else payload
+            if isinstance(data, memoryview):
+                data = data.tobytes()
             self.bytes_from[address] = self.bytes_from.get(address, 0) + len(data)
             return data
         raise ReplicasUnavailable(placement.chunk_id, errors)
@@ -805,7 +809,7 @@ class PlacedFile:
             if len(data) < size:
                 parts.append(bytes(size - len(data)))
             position += size
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def survivors_of(placement: ChunkPlacement, failed: Sequence[str]) -> tuple[str, ...]:

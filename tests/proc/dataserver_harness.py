@@ -87,6 +87,7 @@ class FakeMetaserver:
     _batches: dict[tuple[DataserverId, int], list[ReplicaReport]] = field(default_factory=dict)
     _chunk_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(0x1000))
     _versions: dict[ChunkId, int] = field(default_factory=dict)
+    _rotation: itertools.count[int] = field(default_factory=itertools.count)
 
     # ---- the cluster protocol ------------------------------------------------------------
 
@@ -160,6 +161,9 @@ class FakeMetaserver:
         chunk_id = ChunkId(next(self._chunk_ids))
         version = self._new_version(chunk_id)
         candidates = [a for a in self.live_addresses() if a not in exclude]
+        # Rotate the first replica so that chunks spread over the servers.
+        shift = next(self._rotation) % max(1, len(candidates))
+        candidates = candidates[shift:] + candidates[:shift]
         replicas = tuple(candidates[: self.replication])
         return ChunkPlacement(
             chunk_id, version, None, replicas, self.token(chunk_id, version, AccessMode.WRITE)
