@@ -1,0 +1,288 @@
+"""Determinism, snapshots and digests: replicas that apply the same log agree byte for
+byte, also when one of them restarts from a snapshot taken at any point."""
+
+from __future__ import annotations
+
+import random
+import stat
+from typing import Any
+
+import msgpack
+import pytest
+import zstandard
+
+from metaserver.namespace import (
+    Namespace,
+    NamespaceConfig,
+    SnapshotError,
+    decode_command,
+    encode_command,
+)
+from wire.ids import ROOT_INODE, ChunkId, ChunkVersion, ClientId, InodeId, SequenceNumber
+from wire.namespace_ops import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    AckDeletions,
+    ChunkReply,
+    ChunkWrite,
+    ClientCommand,
+    CloseSession,
+    Command,
+    CommitWrite,
+    Create,
+    Credentials,
+    DeletedChunk,
+    EntryReply,
+    ExpireSessions,
+    GetDeletions,
+    KeepAlive,
+    Link,
+    Mkdir,
+    Mknod,
+    MutationCall,
+    Open,
+    OpenChunk,
+    OpenSession,
+    Release,
+    RemoveXattr,
+    Rename,
+    RequestContext,
+    Rmdir,
+    SessionCommand,
+    SessionReply,
+    SetAttr,
+    SetGoal,
+    SetXattr,
+    Symlink,
+    SystemCommand,
+    Unlink,
+)
+
+from .test_namespace_support import SMALL_CHUNK, Client, seed_from_environment
+
+CONFIG = NamespaceConfig(chunk_size_bytes=SMALL_CHUNK, session_timeout_ns=2_000_000)
+NAMES = [b"a", b"b", b"c", b"d", b"e", b".", b"..", b""]
+USERS = [Credentials(0, 0), Credentials(1000, 1000, (1000, 5)), Credentials(1001, 5)]
+
+
+class CommandGenerator:
+    """Random but plausible commands; learns inode and chunk ids from the replies."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.now_ns = 0
+        self.inodes: list[int] = [ROOT_INODE]
+        self.directories: list[int] = [ROOT_INODE]
+        self.chunks: list[tuple[OpenChunk, ChunkReply]] = []
+        self.clients: dict[int, int] = {}
+        self.last: dict[int, ClientCommand] = {}
+
+    def next(self) -> Command:
+        rng = self.rng
+        self.now_ns += rng.randrange(1, 5_000)
+        roll = rng.random()
+        if not self.clients or roll < 0.01:
+            return SessionCommand(self.now_ns, OpenSession())
+        client = rng.choice(sorted(self.clients))
+        if roll < 0.03:
+            return SessionCommand(self.now_ns, KeepAlive(ClientId(client)))
+        if roll < 0.032:
+            return SessionCommand(self.now_ns, CloseSession(ClientId(client)))
+        if roll < 0.04:
+            return SystemCommand(self.now_ns, ExpireSessions())
+        if roll < 0.05:
+            entries = tuple(
+                DeletedChunk(ChunkId(rng.randrange(1, 40)), ChunkVersion(rng.randrange(1, 4)))
+                for _ in range(rng.randrange(4))
+            )
+            return SystemCommand(self.now_ns, AckDeletions(entries))
+        if roll < 0.1 and client in self.last:
+            retry = self.last[client]  # the client lost the reply and resends
+            return ClientCommand(self.now_ns, retry.call)
+        seq = self.clients[client] + 1
+        self.clients[client] = seq
+        context = RequestContext(
+            ClientId(client),
+            SequenceNumber(seq),
+            SequenceNumber(max(0, seq - rng.randrange(3))),
+            rng.choice(USERS),
+        )
+        command = ClientCommand(self.now_ns, MutationCall(context, self.op()))
+        self.last[client] = command
+        return command
+
+    def op(self) -> Any:
+        rng = self.rng
+        ino = InodeId(rng.choice(self.inodes))
+        directory = InodeId(rng.choice(self.directories if rng.random() < 0.9 else self.inodes))
+        other = InodeId(rng.choice(self.directories))
+        name = rng.choice(NAMES)
+        kind = rng.randrange(17)
+        if kind == 0:
+            return Mkdir(directory, name, rng.choice([0o755, 0o1777, 0o2775]))
+        if kind == 1:
+            return Mknod(directory, name, rng.choice([0o100644, 0o104755, 0o010600]))
+        if kind == 2:
+            return Create(directory, name, 0o644, rng.random() < 0.5)
+        if kind == 3:
+            return Symlink(directory, name, b"target")
+        if kind == 4:
+            return Link(ino, other, name)
+        if kind == 5:
+            return Unlink(directory, name)
+        if kind == 6:
+            return Rmdir(directory, name)
+        if kind == 7:
+            flags = rng.choice([0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])
+            return Rename(directory, name, other, rng.choice(NAMES), flags)
+        if kind == 8:
+            return SetAttr(ino, size=rng.randrange(0, 5 * SMALL_CHUNK))
+        if kind == 9:
+            return SetAttr(ino, mode=rng.choice([0o644, 0o2755, 0o4711]), uid=rng.choice([None, 7]))
+        if kind == 10:
+            return SetXattr(ino, b"user." + name, b"v" * rng.randrange(3), XATTR_CREATE)
+        if kind == 11:
+            return RemoveXattr(ino, b"user." + name)
+        if kind == 12:
+            return SetGoal(ino, rng.randrange(0, 5), rng.choice([None, True]))
+        if kind == 13:
+            return Open(ino)
+        if kind == 14:
+            return Release(ino)
+        if kind == 15 or not self.chunks:
+            return OpenChunk(ino, rng.randrange(4))
+        opened, chunk = rng.choice(self.chunks)
+        if rng.random() < 0.2:
+            opened = OpenChunk(ino, rng.randrange(4))
+        write = ChunkWrite(opened.index, chunk.chunk, chunk.version, rng.randrange(17))
+        return CommitWrite(opened.inode, (write,))
+
+    def learn(self, command: Command, reply: Any) -> None:
+        if isinstance(reply, EntryReply) and reply.attr.ino not in self.inodes:
+            self.inodes.append(reply.attr.ino)
+            if stat.S_ISDIR(reply.attr.mode):
+                self.directories.append(reply.attr.ino)
+        elif isinstance(reply, ChunkReply):
+            assert isinstance(command, ClientCommand) and isinstance(command.call.op, OpenChunk)
+            self.chunks.append((command.call.op, reply))
+        elif isinstance(reply, SessionReply):
+            self.clients[reply.client] = 0
+
+
+def generate(seed: int, count: int) -> list[Command]:
+    """A command log produced against a reference replica."""
+    generator = CommandGenerator(random.Random(seed))
+    reference = Namespace(CONFIG)
+    log = []
+    for _ in range(count):
+        command = generator.next()
+        generator.learn(command, reference.apply(command))
+        log.append(command)
+    return log
+
+
+def test_replicas_applying_the_same_log_have_the_same_digest_and_replies() -> None:
+    seed = seed_from_environment("same log, same digest")
+    log = generate(seed, 1500)
+    first, second = Namespace(CONFIG), Namespace(CONFIG)
+    for i, command in enumerate(log):
+        reply_first = first.apply(command)
+        reply_second = second.apply(decode_command(encode_command(command)))
+        assert reply_first == reply_second, f"step {i}: {command}"
+        if i % 100 == 0:
+            assert first.digest() == second.digest(), f"diverged at step {i}"
+    assert first.snapshot() == second.snapshot()
+    first.verify()
+
+
+def test_a_replica_restored_from_a_snapshot_at_any_point_stays_in_step() -> None:
+    seed = seed_from_environment("restore at random points")
+    rng = random.Random(seed)
+    log = generate(seed, 1200)
+    leader = Namespace(CONFIG)
+    follower = Namespace(CONFIG)
+    cuts = sorted(rng.sample(range(len(log)), 8))
+    for i, command in enumerate(log):
+        if cuts and i == cuts[0]:
+            cuts.pop(0)
+            data = follower.snapshot()
+            follower = Namespace.restore(data)
+            assert follower.digest() == leader.digest(), f"restore at {i} changed the state"
+            assert follower.snapshot() == data
+        assert leader.apply(command) == follower.apply(command), f"step {i}"
+    assert leader.digest() == follower.digest()
+    follower.verify()
+
+
+def test_the_log_exercises_most_outcomes() -> None:
+    """Guard against a generator that only produces errors."""
+    seed = seed_from_environment("log coverage")
+    log = generate(seed, 1500)
+    namespace = Namespace(CONFIG)
+    kinds = {type(namespace.apply(command)).__name__ for command in log}
+    assert {"EntryReply", "AttrReply", "OkReply", "NsError", "ChunkReply"} <= kinds
+
+
+def test_the_digest_changes_with_any_change() -> None:
+    c = Client(Namespace(CONFIG))
+    f = c.mknod(b"f")
+    seen = {c.ns.digest()}
+    for op in [SetAttr(f, mode=0o600), SetXattr(f, b"user.a", b""), SetGoal(f, goal=1)]:
+        c.ok(op)
+        seen.add(c.ns.digest())
+    assert len(seen) == 4
+
+
+def test_a_snapshot_keeps_sessions_kept_replies_and_open_files() -> None:
+    c = Client(Namespace(CONFIG))
+    f = c.create(b"f")
+    c.write(f, 0, 40)
+    cmd = c.command(Unlink(InodeId(ROOT_INODE), b"f"))
+    reply = c.ns.apply(cmd)
+    restored = Namespace.restore(c.ns.snapshot())
+    assert restored.apply(cmd) == reply  # the retry is still recognised
+    c.ns = restored
+    assert c.attr(f).nlink == 0
+    c.ok(Release(f))
+    assert c.qok(GetDeletions()).total == 3
+
+
+def test_an_empty_namespace_round_trips() -> None:
+    namespace = Namespace(NamespaceConfig(created_ns=5, root_mode=0o700, root_uid=9))
+    restored = Namespace.restore(namespace.snapshot())
+    assert restored.digest() == namespace.digest() and restored.config == namespace.config
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda data: data[: len(data) // 2],
+        lambda data: b"not zstd at all",
+        lambda data: data + b"x",
+        lambda data: zstandard.ZstdCompressor().compress(msgpack.packb(["paxfs-namespace", 99])),
+        lambda data: zstandard.ZstdCompressor().compress(msgpack.packb(["other", 1])),
+        lambda data: zstandard.ZstdCompressor().compress(b"\xc1"),
+    ],
+    ids=["truncated", "garbage", "trailing", "future-format", "foreign", "bad-msgpack"],
+)
+def test_a_bad_snapshot_is_refused_with_a_clear_error(mangle: Any) -> None:
+    c = Client(Namespace(CONFIG))
+    c.write(c.mknod(b"f"), 0, 40)
+    with pytest.raises(SnapshotError) as raised:
+        Namespace.restore(mangle(c.ns.snapshot()))
+    assert "snapshot" in str(raised.value)
+
+
+def test_an_inconsistent_snapshot_is_refused() -> None:
+    c = Client(Namespace(CONFIG))
+    c.mkdir(b"d")
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(c.ns.snapshot())
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(raw)
+    records = list(unpacker)
+    root = records[4]
+    root[4] = 7  # wrong nlink for the root directory
+    data = zstandard.ZstdCompressor().compress(b"".join(msgpack.packb(r) for r in records))
+    with pytest.raises(SnapshotError, match="inconsistent"):
+        Namespace.restore(data)
