@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import typing
@@ -24,6 +25,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 Runner = Callable[[argparse.Namespace, Config], int]
+FLAG_ALIASES = {"data_dir": ["--data"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +52,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser, section_name: str) -> No
     for field in dataclasses.fields(section_type):
         annotation = hints[field.name]
         dest = f"setting:{section_name}:{field.name}"
+        flags = [_flag_name(field.name), *FLAG_ALIASES.get(field.name, [])]
         help_text = field.metadata.get("help", "")
         if annotation is bool:
             group.add_argument(
-                _flag_name(field.name),
+                *flags,
                 dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=None,
@@ -61,7 +64,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, section_name: str) -> No
             )
         elif typing.get_origin(annotation) is dict:
             group.add_argument(
-                _flag_name(field.name),
+                *flags,
                 dest=dest,
                 metavar="K=V[,K=V...]",
                 default=None,
@@ -69,7 +72,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, section_name: str) -> No
             )
         else:
             group.add_argument(
-                _flag_name(field.name),
+                *flags,
                 dest=dest,
                 metavar=annotation.__name__.upper(),
                 default=None,
@@ -122,6 +125,30 @@ def _no_arguments(_parser: argparse.ArgumentParser) -> None:
     return None
 
 
+def configure_logging(process: str) -> None:
+    """One line per event on stderr, naming the process."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {process} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run_metaserver(_args: argparse.Namespace, config: Config) -> int:
+    from metaserver.server import StartupRefused, run
+
+    configure_logging(f"metaserver-{config.metaserver.id}")
+    try:
+        run(config, _cluster_manager_services())
+    except StartupRefused as error:
+        raise CommandFailed(str(error)) from None
+    return 0
+
+
+def _cluster_manager_services():  # type: ignore[no-untyped-def]
+    """The cluster manager's handlers and tasks, once its room has landed."""
+    return None
+
+
 def subcommands() -> list[Subcommand]:
     """Every subcommand; each room's issue replaces its placeholder as it lands."""
     return [
@@ -130,7 +157,7 @@ def subcommands() -> list[Subcommand]:
             "run one replica of the metaserver group",
             ("cluster", "metaserver"),
             _no_arguments,
-            _not_landed(5),
+            _run_metaserver,
         ),
         Subcommand(
             "dataserver",

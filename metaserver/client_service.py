@@ -1,0 +1,168 @@
+"""The namespace RPCs a metaserver serves to clients, and the leader's own duties.
+
+Mutations are stamped with the leader's wall-clock time and go through the
+Paxos log; the reply is the namespace's answer once the command is applied
+here.  Reads wait for a read-index confirmation (leadership confirmed by a
+quorum, and the state applied that far) and are answered from the applied
+state without a log entry.  A follower answers every call with
+``RpcError(NOT_LEADER, leader address)``.  A namespace error becomes an RPC
+error with the same errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from metaserver.replica import Replica
+from wire.admin_ops import (
+    GROUP_STATUS,
+    STATE_DIGEST,
+    DigestReply,
+    DigestRequest,
+    GroupStatusReply,
+    GroupStatusRequest,
+    ReplicaStatus,
+)
+from wire.errors import RpcError
+from wire.namespace_ops import (
+    METHOD_OF_OP,
+    MUTATING_OPS,
+    QUERY_OPS,
+    SESSION_OPS,
+    ClientCommand,
+    ExpireSessions,
+    MutationCall,
+    NsError,
+    QueryCall,
+    SessionCommand,
+    SystemCommand,
+)
+from wire.rpc import CallContext, Handlers
+from wire.schema import Method
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_CHECK_S = 1.0
+
+
+def reply_or_raise(reply: Any) -> Any:
+    """The namespace's reply, or an RpcError carrying its errno."""
+    if isinstance(reply, NsError):
+        raise RpcError(reply.errno, os.strerror(reply.errno))
+    return reply
+
+
+def _check_method(method: Method[Any, Any], op: object) -> None:
+    if METHOD_OF_OP.get(type(op)) is not method:
+        raise RpcError(errno.EPROTO, f"{type(op).__name__} cannot travel as {method.name}")
+
+
+def _mutation_handler(
+    replica: Replica, method: Method[Any, Any]
+) -> Callable[[MutationCall, CallContext], Awaitable[Any]]:
+    async def handle(call: MutationCall, _context: CallContext) -> Any:
+        _check_method(method, call.op)
+        if not replica.is_leader:
+            raise replica.not_leader()
+        return reply_or_raise(await replica.submit(ClientCommand(time.time_ns(), call)))
+
+    return handle
+
+
+def _query_handler(
+    replica: Replica, method: Method[Any, Any]
+) -> Callable[[QueryCall, CallContext], Awaitable[Any]]:
+    async def handle(call: QueryCall, _context: CallContext) -> Any:
+        _check_method(method, call.op)
+        await replica.confirm_read()
+        return reply_or_raise(replica.namespace.query(call.op, call.credentials))
+
+    return handle
+
+
+def _session_handler(replica: Replica) -> Callable[[Any, CallContext], Awaitable[Any]]:
+    async def handle(op: Any, _context: CallContext) -> Any:
+        if not replica.is_leader:
+            raise replica.not_leader()
+        return reply_or_raise(await replica.submit(SessionCommand(time.time_ns(), op)))
+
+    return handle
+
+
+def register_namespace_handlers(handlers: Handlers, replica: Replica) -> None:
+    """Serve every namespace method of :mod:`wire.namespace_ops` from ``replica``."""
+    for op_type, method in METHOD_OF_OP.items():
+        if op_type in MUTATING_OPS:
+            handlers.register(method, _mutation_handler(replica, method))
+        elif op_type in QUERY_OPS:
+            handlers.register(method, _query_handler(replica, method))
+        elif op_type in SESSION_OPS:
+            handlers.register(method, _session_handler(replica))
+
+
+def register_admin_handlers(
+    handlers: Handlers, replica: Replica, addresses: dict[int, str]
+) -> None:
+    """Group status and state digests for the admin tools and the tests."""
+
+    async def group_status(_request: GroupStatusRequest, _context: CallContext) -> GroupStatusReply:
+        status = replica.node.status()
+        now_ms = replica.now_ms()
+        leader = status.leader_id
+        replicas = tuple(
+            ReplicaStatus(
+                node_id=peer.node,
+                address=addresses.get(peer.node, "?"),
+                voter=peer.voter,
+                match_index=peer.match_index,
+                lag_slots=max(0, status.commit_index - peer.match_index),
+                last_contact_ms_ago=(
+                    None if peer.last_contact_ms is None else now_ms - peer.last_contact_ms
+                ),
+            )
+            for peer in status.peers
+        )
+        ballot = status.leader_ballot or status.promised
+        return GroupStatusReply(
+            node_id=status.node_id,
+            role=status.role.name.lower(),
+            leader_id=leader,
+            leader_address="" if leader is None else addresses.get(leader, "?"),
+            ballot=str(ballot),
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            snapshot_index=status.snapshot_index,
+            log_first_slot=status.log_first_slot,
+            log_last_slot=status.log_last_slot,
+            applied_commands=replica.applied_commands,
+            replicas=replicas,
+        )
+
+    async def state_digest(_request: DigestRequest, _context: CallContext) -> DigestReply:
+        return DigestReply(replica.node.applied_index, replica.namespace.digest())
+
+    handlers.register(GROUP_STATUS, group_status)
+    handlers.register(STATE_DIGEST, state_digest)
+
+
+async def expire_sessions_while_leader(replica: Replica) -> None:
+    """As leader, propose session expiry whenever a session's deadline has passed."""
+    while True:
+        await trio.sleep(SESSION_EXPIRY_CHECK_S)
+        if not replica.is_leader:
+            continue
+        due_ns = replica.namespace.next_session_expiry_ns()
+        now_ns = time.time_ns()
+        if due_ns is None or due_ns > now_ns:
+            continue
+        try:
+            await replica.submit(SystemCommand(now_ns, ExpireSessions()))
+        except RpcError as error:
+            log.debug("session expiry not proposed: %s", error)
