@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -140,12 +140,24 @@ class MetaClient:
 
     # ------------------------------------------------------------ namespace calls
 
-    async def mutate(self, op: Any, credentials: Credentials = ROOT_CREDENTIALS) -> Any:
+    async def mutate(
+        self,
+        op: Any,
+        credentials: Credentials = ROOT_CREDENTIALS,
+        *,
+        method: Method[Any, Any] | None = None,
+        envelope: Callable[[MutationCall], Any] | None = None,
+    ) -> Any:
         """Apply a mutating namespace op exactly once; return its reply.
 
-        Namespace errors raise :class:`RpcError` with their errno.
+        By default the op travels as its own namespace method.  A call that
+        wraps the mutation in a larger request (``wire.data_ops.OPEN_FOR_WRITE``)
+        passes that ``method`` and an ``envelope`` that builds its request from
+        the :class:`MutationCall`.  Namespace errors raise :class:`RpcError`
+        with their errno.
         """
-        method = method_for(op)
+        method = method or method_for(op)
+        wrap = envelope or (lambda call: call)
         async with self._window:
             if self._client is None:
                 await self.open_session()
@@ -160,7 +172,7 @@ class MetaClient:
                     context = RequestContext(
                         client, SequenceNumber(seq), SequenceNumber(ack_seq), credentials
                     )
-                    return await self.call(method, MutationCall(context, op))
+                    return await self.call(method, wrap(MutationCall(context, op)))
                 except RpcError as error:
                     if error.code != SESSION_EXPIRED_ERRNO or self._client != client:
                         raise
