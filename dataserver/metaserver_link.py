@@ -36,6 +36,7 @@ from wire.cluster_ops import (
     SendFullReport,
 )
 from wire.errors import NOT_LEADER, RpcError
+from wire.invariant import InvariantViolation, invariant
 from wire.rpc import RpcConnection
 from wire.transport import open_connection
 
@@ -86,24 +87,45 @@ class MetaserverLink:
                 target = self._metaservers[position % len(self._metaservers)]
                 position += 1
             sessions_before = self.sessions
-            try:
-                await self._session(target, nursery)
-            except RpcError as error:
-                self.leader = None
-                if error.code == NOT_LEADER and redirects < REDIRECTS_MAX:
-                    hint = _leader_hint(error.message, target)
-                    if hint is not None:
-                        redirects += 1
-                        continue
-                failure = f"metaserver {target}: {error}"
-                if failure != last_failure:
-                    log.warning("%s", failure)
-                    last_failure = failure
+            error = await self._session_error(target, nursery)
+            self.leader = None
+            if error.code == NOT_LEADER and redirects < REDIRECTS_MAX:
+                hint = _leader_hint(error.message, target)
+                if hint is not None:
+                    redirects += 1
+                    continue
+            failure = f"metaserver {target}: {error}"
+            if failure != last_failure:
+                log.warning("%s", failure)
+                last_failure = failure
             redirects = 0
             if self.sessions != sessions_before:
                 backoff_s = BACKOFF_MIN_S
             await trio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+
+    async def _session_error(self, address: Address, nursery: trio.Nursery) -> RpcError:
+        """Run a session until it fails; return why.
+
+        A connection that dies while we are being cancelled can surface as a group of
+        the connection error and ``Cancelled``; then only the cancellation goes on, so
+        that a shutdown is never mistaken for (or turned into) a crash."""
+        try:
+            await self._session(address, nursery)
+        except RpcError as error:
+            return error
+        except BaseExceptionGroup as group:
+            errors, others = group.split(RpcError)
+            if others is not None:
+                raise others from None
+            invariant(errors is not None, "an empty exception group")
+            assert errors is not None
+            leaf: BaseException = errors
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, RpcError)
+            return leaf
+        raise InvariantViolation("a metaserver session ended without an error")
 
     async def _session(self, address: Address, nursery: trio.Nursery) -> None:
         server = self._server

@@ -198,6 +198,7 @@ class DataserverProcess:
     process: subprocess.Popen[bytes]
     dataserver_id: DataserverId | None = None
     address: str = ""
+    incarnation: int | None = None
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
         if self.process.poll() is None:
@@ -224,7 +225,7 @@ class DataserverProcess:
 def write_config(
     path: Path,
     *,
-    metaserver_port: int,
+    metaserver_ports: list[int],
     data_dir: Path,
     capacity_bytes: int = 0,
     listen: str = "127.0.0.1:0",
@@ -235,7 +236,9 @@ def write_config(
     path.write_text(
         "[cluster]\n"
         f'key = "{KEY.hex()}"\n'
-        f'metaservers = {{ 1 = "127.0.0.1:{metaserver_port}" }}\n'
+        "metaservers = { "
+        + ", ".join(f'{i + 1} = "127.0.0.1:{port}"' for i, port in enumerate(metaserver_ports))
+        + " }\n"
         f"chunk_size_bytes = {chunk_size_bytes}\n"
         "[dataserver]\n"
         f'data_dir = "{data_dir}"\n'
@@ -271,13 +274,14 @@ class Cluster:
         capacity_bytes: int = 0,
         scrub_rate_mib_s: float = 0.0,
         chunk_size_bytes: int = CHUNK_SIZE_BYTES,
+        metaserver_ports: list[int] | None = None,
     ) -> DataserverProcess:
         data_dir = self.tmp_path / name
         config_path = self.tmp_path / f"{name}.toml"
         log_path = self.tmp_path / f"{name}.log"
         write_config(
             config_path,
-            metaserver_port=self.metaserver_port,
+            metaserver_ports=metaserver_ports or [self.metaserver_port],
             data_dir=data_dir,
             capacity_bytes=capacity_bytes,
             scrub_rate_mib_s=scrub_rate_mib_s,
@@ -305,11 +309,24 @@ class Cluster:
             request = self.meta.registrations.get(server.dataserver_id)  # type: ignore[arg-type]
             if request is None or server.dataserver_id is None:
                 return False
+            if request.incarnation == server.incarnation:
+                return False  # the registration of an earlier process
             server.address = request.address
+            server.incarnation = request.incarnation
             return True
 
         await wait_until(registered, f"{server.name} to register", PROCESS_START_TIMEOUT_S)
         return server
+
+    async def restart(
+        self, server: DataserverProcess, *, scrub_rate_mib_s: float = 0.0
+    ) -> DataserverProcess:
+        """Stop ``server`` (SIGTERM; asserts a clean exit) and start it on the same data."""
+        assert server.stop() == 0, server.log_text()
+        self.dataservers.remove(server)
+        again = self.spawn(server.name, scrub_rate_mib_s=scrub_rate_mib_s)
+        again.incarnation = server.incarnation
+        return await self.started(again)
 
     def by_address(self, address: str) -> DataserverProcess:
         return next(s for s in self.dataservers if s.address == address)
@@ -367,4 +384,10 @@ async def running_cluster(
                 for server in cluster.dataservers:
                     tail = server.log_text()[-3000:]
                     print(f"---- {server.name} ({server.address}) log tail:\n{tail}")
+            crashed = [
+                s.name
+                for s in cluster.dataservers
+                if s.process.returncode not in (0, -signal.SIGKILL)
+            ]
+            assert not crashed, f"dataservers did not stop cleanly on SIGTERM: {crashed}"
         nursery.cancel_scope.cancel()
