@@ -10,7 +10,7 @@ import trio
 
 from tests.wire_fixtures import ECHO, KEY, Value, running_server
 from wire.auth import PROTOCOL, authenticate_as_dialer, proof
-from wire.errors import AuthenticationFailed, RpcError
+from wire.errors import RpcError
 from wire.framing import HANDSHAKE_LIMITS, FrameReader, FrameWriter
 from wire.transport import open_connection
 
@@ -103,11 +103,12 @@ async def test_a_silent_dialer_is_dropped_after_the_handshake_timeout(
             assert await stream.receive_some(10) == b""
 
 
-async def test_a_dialer_refuses_a_listener_that_never_answers() -> None:
+async def test_a_dialer_refuses_a_listener_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     left, right = trio.testing.memory_stream_pair()
     with pytest.raises(trio.TooSlowError):
         with trio.fail_after(10):
             await authenticate_as_dialer(
                 FrameReader(left, HANDSHAKE_LIMITS), FrameWriter(left), KEY, "patient"
             )
-    assert isinstance(AuthenticationFailed("x"), Exception)
