@@ -37,7 +37,6 @@ system-packages:
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-packages
 	@test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
