@@ -79,6 +79,8 @@ LATENCY_WEIGHT = 0.2
 """Weight of the newest sample in the exponentially weighted latency average."""
 RETARGETS_MAX = 8
 """Pipeline failures one :class:`PlacedFile` operation recovers from before giving up."""
+SYNCS_IN_FLIGHT_MAX = 8
+"""Chunks one :meth:`PlacedFile.sync` fsyncs at once."""
 
 invariant(WRITE_PIECE_BYTES_DEFAULT <= WRITE_BYTES_MAX, "write piece above the wire limit")
 invariant(READ_PIECE_BYTES <= READ_BYTES_MAX, "read piece above the wire limit")
@@ -775,9 +777,22 @@ class PlacedFile:
         self.length_bytes = length_bytes
 
     async def sync(self) -> dict[int, ChunkPlacement]:
-        """Make every write durable on every replica; the placements to commit."""
-        for index in sorted(self._writers):
-            await self._recovering(index, lambda w: w.sync())
+        """Make every write durable on every replica; the placements to commit.
+
+        Chunks are synced concurrently, at most :data:`SYNCS_IN_FLIGHT_MAX` at once, so the
+        replicas' fsyncs overlap instead of queueing chunk after chunk."""
+        slots = trio.Semaphore(SYNCS_IN_FLIGHT_MAX)
+
+        async def sync_one(index: int) -> None:
+            async with slots:
+                await self._recovering(index, lambda w: w.sync())
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in sorted(self._writers):
+                    nursery.start_soon(sync_one, index)
+        except BaseExceptionGroup as group:
+            raise_single(group)
         for index, writer in self._writers.items():
             self.placements[index] = writer.placement
         self._writers.clear()
