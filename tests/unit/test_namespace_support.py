@@ -7,6 +7,7 @@ namespace tests' room.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -63,8 +64,17 @@ def seed_from_environment(test_name: str) -> int:
 
 
 def seeded(test: Callable[..., T]) -> Callable[..., T]:
-    """Seed a Hypothesis test (or state machine) from PAXFS_SEED and print the seed."""
-    return hypothesis.seed(seed_from_environment(test.__name__))(test)
+    """Seed a Hypothesis test from PAXFS_SEED; the seed is printed when the test runs
+    (pytest shows it with the failure)."""
+    seed = seed_from_environment(test.__name__)
+    inner = hypothesis.seed(seed)(test)
+
+    @functools.wraps(inner)
+    def run(*args: Any, **kwargs: Any) -> T:
+        print(f"{test.__name__}: PAXFS_SEED={seed}")
+        return inner(*args, **kwargs)
+
+    return run
 
 
 class Client:
