@@ -69,6 +69,9 @@ READ_PIECE_BYTES = 4 * 1024 * 1024
 READS_IN_FLIGHT_MAX = 4
 """Pieces one read call fetches at once (spread over the replicas by load)."""
 READAHEAD_BYTES_DEFAULT = 8 * 1024 * 1024
+STICKY_IN_FLIGHT_SLACK = 2
+"""A reader stays on its replica while that has at most this many more requests in
+flight than the least busy replica."""
 CLIENT_TIMEOUT_MARGIN_S = 5.0
 """Added to the first member's pipeline deadline, so the first member's own deadline on
 the rest of the chain expires first and names the member that hung."""
@@ -536,6 +539,7 @@ class ChunkReader:
         self._next_offset = 0
         self._ahead: list[_Prefetch] = []
         self._bad: set[str] = set()
+        self._preferred: str | None = None
         self.bytes_from: dict[str, int] = {}
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -575,6 +579,14 @@ class ChunkReader:
         if position < end:
             parts.extend(await self._fetch(position, end - position))
         return parts
+
+    def start_readahead(self, offset: int) -> None:
+        """Begin reading ahead at ``offset``, where a sequential reader will come next."""
+        if self._readahead_bytes <= 0 or (offset == self._next_offset and self._ahead):
+            return
+        self._ahead.clear()
+        self._next_offset = offset
+        self._extend_readahead(offset)
 
     def _extend_readahead(self, start: int) -> None:
         covered = self._ahead[-1].end if self._ahead else start
@@ -631,6 +643,7 @@ class ChunkReader:
         )
         errors: dict[str, RpcError] = {}
         order = self._pool.read_order([a for a in placement.replicas if a not in self._bad])
+        order = self._stick(order)
         order += [a for a in placement.replicas if a in self._bad]
         for address in order:
             try:
@@ -648,6 +661,21 @@ class ChunkReader:
             self.bytes_from[address] = self.bytes_from.get(address, 0) + len(data)
             return data
         raise ReplicasUnavailable(placement.chunk_id, errors)
+
+    def _stick(self, order: list[str]) -> list[str]:
+        """Keep one replica for this reader while it is not much busier than the best:
+        a replica read sequentially gets the disk's read-ahead (as HDFS reads a block
+        from one datanode); a busier one hands the next pieces to the others."""
+        if not order:
+            return order
+        preferred = self._preferred
+        if preferred not in order:
+            self._preferred = order[0]
+            return order
+        best_load = self._pool.stats(order[0]).in_flight
+        if self._pool.stats(preferred).in_flight > best_load + STICKY_IN_FLIGHT_SLACK:
+            return order
+        return [preferred] + [address for address in order if address != preferred]
 
     async def _replica_failed(self, address: str, error: RpcError) -> None:
         placement = self.placement
@@ -799,7 +827,21 @@ class PlacedFile:
         self._readers.clear()
         return dict(self.placements)
 
+    def _reader(self, index: int) -> ChunkReader:
+        placement = self.placements[index]
+        reader = self._readers.get(index)
+        if reader is None or reader.placement != placement:
+            reader = ChunkReader(
+                self._pool,
+                placement,
+                on_corrupt=self._on_corrupt,
+                readahead_bytes=self._readahead_bytes,
+            )
+            self._readers[index] = reader
+        return reader
+
     async def read(self, offset: int, length: int) -> bytes:
+        """Bytes at ``offset``: holes read as zeros, nothing past ``length_bytes``."""
         end = min(offset + length, self.length_bytes)
         parts: list[bytes] = []
         position = offset
@@ -808,18 +850,12 @@ class PlacedFile:
             chunk_offset = position - index * self.chunk_size_bytes
             size = min(end - position, self.chunk_size_bytes - chunk_offset)
             data = b""
-            placement = self.placements.get(index)
-            if placement is not None:
-                reader = self._readers.get(index)
-                if reader is None or reader.placement != placement:
-                    reader = ChunkReader(
-                        self._pool,
-                        placement,
-                        on_corrupt=self._on_corrupt,
-                        readahead_bytes=self._readahead_bytes,
-                    )
-                    self._readers[index] = reader
-                data = await reader.read(chunk_offset, size)
+            if index in self.placements:
+                data = await self._reader(index).read(chunk_offset, size)
+                following = index + 1
+                if chunk_offset + size == self.chunk_size_bytes and following in self.placements:
+                    # A sequential reader crosses into the next chunk: read ahead there too.
+                    self._reader(following).start_readahead(0)
             parts.append(data)
             if len(data) < size:
                 parts.append(bytes(size - len(data)))

@@ -300,7 +300,8 @@ class Cluster:
         return server
 
     async def started(self, server: DataserverProcess) -> DataserverProcess:
-        """Wait until ``server`` registered; learn its id and address."""
+        """Wait until ``server`` registered, reported and sent a heartbeat; learn its id
+        and address."""
 
         def registered() -> bool:
             if server.process.poll() is not None:
@@ -311,6 +312,9 @@ class Cluster:
                 return False
             if request.incarnation == server.incarnation:
                 return False  # the registration of an earlier process
+            heartbeat = self.meta.heartbeats.get(server.dataserver_id)
+            if heartbeat is None or heartbeat.incarnation != request.incarnation:
+                return False  # registered; its full report and first heartbeat are on the way
             server.address = request.address
             server.incarnation = request.incarnation
             return True

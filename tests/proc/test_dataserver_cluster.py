@@ -81,9 +81,13 @@ async def test_registration_and_reports_give_the_leader_every_replica(
             return True
 
         await wait_until(reported, "incremental reports of the new replicas and their lengths")
-        heartbeat = cluster.meta.heartbeats[cluster.dataservers[0].dataserver_id]  # type: ignore[index]
-        assert heartbeat.space.replica_count >= 1
-        assert heartbeat.active_writes == 0
+        first_id = cluster.dataservers[0].dataserver_id
+
+        def idle_heartbeat() -> bool:
+            heartbeat = cluster.meta.heartbeats[first_id]  # type: ignore[index]
+            return heartbeat.active_writes == 0 and heartbeat.space.replica_count >= 1
+
+        await wait_until(idle_heartbeat, "a heartbeat showing the replicas and no writes")
 
 
 async def test_a_new_leader_epoch_or_a_command_brings_a_full_report(tmp_path: Path) -> None:

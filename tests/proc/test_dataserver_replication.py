@@ -402,7 +402,13 @@ async def test_all_three_replicas_serve_reads_under_load(
         await file.write(0, data)
         placement = (await file.sync())[0]
         reader = ChunkReader(cluster.pool, placement, readahead_bytes=0)
+        results: dict[int, bytes] = {}
+
+        async def read(start: int) -> None:
+            results[start] = await reader.read(start, BLOCK // 4)
+
         async with trio.open_nursery() as nursery:
-            for start in range(0, CHUNK, BLOCK):
-                nursery.start_soon(reader.read, start, BLOCK)
+            for start in range(0, CHUNK, BLOCK // 4):
+                nursery.start_soon(read, start)
+        assert b"".join(results[start] for start in sorted(results)) == data
         assert set(reader.bytes_from) == set(placement.replicas)
