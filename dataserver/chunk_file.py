@@ -38,7 +38,7 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -124,7 +124,7 @@ class BlockCodec:
             self._local.compressor = compressor
         return compressor.compress(data)
 
-    def decompress(self, payload: bytes, data_len: int) -> bytes:
+    def decompress(self, payload: bytes | memoryview, data_len: int) -> bytes:
         """Decompress a block; raise :class:`zstandard.ZstdError` if it is not a valid frame."""
         decompressor = getattr(self._local, "decompressor", None)
         if decompressor is None:
@@ -285,8 +285,9 @@ class ChunkFile:
     def read(self, offset: int, size: int) -> bytes:
         """Return up to ``size`` bytes at ``offset``, fewer at the end of the replica.
 
-        Only the blocks in the range are read; each is verified. Holes read as zeros. A read
-        of whole uncompressed blocks in one slot is a single ``pread`` returned without a copy.
+        Only the blocks in the range are read, and each is verified; holes read as zeros.
+        Neighbouring blocks in one slot region are fetched with one ``pread``; a read of
+        whole uncompressed blocks is that ``pread``'s result itself, without a copy.
         """
         if offset < 0 or size < 0:
             raise InvalidRequest(f"negative offset {offset} or size {size}")
@@ -294,27 +295,11 @@ class ChunkFile:
         if offset >= end:
             return b""
         pieces: list[bytes | memoryview] = []
-        block = offset // BLOCK_SIZE_BYTES
-        last = (end - 1) // BLOCK_SIZE_BYTES
-        while block <= last:
-            start = block * BLOCK_SIZE_BYTES
-            entry = self._entries[block]
-            if _is_full_raw(entry):
-                run = [entry]
-                while block + len(run) <= last:
-                    following = self._entries[block + len(run)]
-                    if not _is_full_raw(following) or following.slot != entry.slot:
-                        break
-                    run.append(following)
-                content = self._read_full_raw_run(block, run)
-                block += len(run)
-            else:
-                content = self._block_content(block)
-                block += 1
-            # content holds the leading bytes of [start, span_end); the rest are zeros.
-            span_end = block * BLOCK_SIZE_BYTES
+        first = offset // BLOCK_SIZE_BYTES
+        for start, span_bytes, content in self._segments(first, (end - 1) // BLOCK_SIZE_BYTES):
+            # content holds the leading bytes of [start, start + span_bytes); the rest are zeros.
             lo = max(offset, start) - start
-            hi = min(end, span_end) - start
+            hi = min(end, start + span_bytes) - start
             if lo == 0 and hi == len(content):
                 pieces.append(content)
                 continue
@@ -326,11 +311,42 @@ class ChunkFile:
             return pieces[0]
         return b"".join(pieces)
 
-    def _read_full_raw_run(self, first: int, run: list[BlockEntry]) -> bytes:
-        """Read consecutive full uncompressed blocks of one slot with one ``pread``."""
-        raw = os.pread(
-            self.fd, len(run) * BLOCK_SIZE_BYTES, self.layout.slot_offset(first, run[0].slot)
-        )
+    def _segments(self, first: int, last: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
+        """Verified contents of blocks ``first..last`` as (logical start, span, content)."""
+        block = first
+        while block <= last:
+            entry = self._entries[block]
+            if not isinstance(entry, BlockEntry):
+                yield block * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES, self._block_content(block)
+                block += 1
+                continue
+            run = [entry]
+            while block + len(run) <= last:
+                following = self._entries[block + len(run)]
+                if not isinstance(following, BlockEntry) or following.slot != entry.slot:
+                    break
+                run.append(following)
+            offset = self.layout.slot_offset(block, entry.slot)
+            span = (len(run) - 1) * BLOCK_SIZE_BYTES + run[-1].stored_len
+            if all(_is_full_raw(member) for member in run):
+                raw = os.pread(self.fd, span, offset)
+                self._check_run(block, run, raw)
+                yield block * BLOCK_SIZE_BYTES, len(raw), raw
+            else:
+                # Short stored blocks leave gaps in the slot region: one pread per block, but
+                # announced first, or a cold strided read gets no readahead and waits per block.
+                if len(run) > 1:
+                    os.posix_fadvise(self.fd, offset, span, os.POSIX_FADV_WILLNEED)
+                for position, member in enumerate(run):
+                    stored = os.pread(
+                        self.fd, member.stored_len, offset + position * BLOCK_SIZE_BYTES
+                    )
+                    content = self._checked_content(block + position, member, stored)
+                    yield (block + position) * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES, content
+            block += len(run)
+
+    def _check_run(self, first: int, run: list[BlockEntry], raw: bytes) -> None:
+        """Verify whole uncompressed blocks read together into ``raw``."""
         view = memoryview(raw)
         for position, entry in enumerate(run):
             lo = position * BLOCK_SIZE_BYTES
@@ -338,16 +354,25 @@ class ChunkFile:
                 raise self._bad(first + position, "stored bytes are missing")
             if crc32c.crc32c(view[lo : lo + BLOCK_SIZE_BYTES]) != entry.crc:
                 raise self._bad(first + position, "checksum mismatch")
-        return raw
 
-    def _block_content(self, block: int) -> bytes:
+    def _block_content(self, block: int) -> bytes | memoryview:
         """The verified logical bytes stored for ``block`` (``data_len`` of them; b"" if hole)."""
         entry = self._entries[block]
         if entry is None:
             return b""
         if isinstance(entry, _CorruptEntry):
             raise self._bad(block, entry.reason)
-        stored = self._read_stored(block, entry)
+        stored = os.pread(self.fd, entry.stored_len, self.layout.slot_offset(block, entry.slot))
+        return self._checked_content(block, entry, stored)
+
+    def _checked_content(
+        self, block: int, entry: BlockEntry, stored: bytes | memoryview
+    ) -> bytes | memoryview:
+        """Verify ``stored`` against ``entry`` and return the block's logical bytes."""
+        if len(stored) != entry.stored_len:
+            raise self._bad(block, "stored bytes are missing")
+        if crc32c.crc32c(stored) != entry.crc:
+            raise self._bad(block, "checksum mismatch")
         if not entry.compressed:
             return stored
         try:
@@ -357,14 +382,6 @@ class ChunkFile:
         if len(content) != entry.data_len:
             raise self._bad(block, f"decompresses to {len(content)} bytes, not {entry.data_len}")
         return content
-
-    def _read_stored(self, block: int, entry: BlockEntry) -> bytes:
-        stored = os.pread(self.fd, entry.stored_len, self.layout.slot_offset(block, entry.slot))
-        if len(stored) != entry.stored_len:
-            raise self._bad(block, "stored bytes are missing")
-        if crc32c.crc32c(stored) != entry.crc:
-            raise self._bad(block, "checksum mismatch")
-        return stored
 
     def _bad(self, block: int, reason: str) -> ChecksumError:
         return ChecksumError(self.chunk_id, self.version, block, reason)
@@ -388,7 +405,9 @@ class ChunkFile:
             return None
         if isinstance(entry, _CorruptEntry):
             raise self._bad(block, entry.reason)
-        payload = self._read_stored(block, entry)
+        payload = os.pread(self.fd, entry.stored_len, self.layout.slot_offset(block, entry.slot))
+        if len(payload) != entry.stored_len or crc32c.crc32c(payload) != entry.crc:
+            raise self._bad(block, "checksum mismatch")
         return RawBlock(block, entry.data_len, entry.compressed, entry.crc, payload)
 
     # ---- writes ---------------------------------------------------------------------------
