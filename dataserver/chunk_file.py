@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -66,6 +67,8 @@ from dataserver.block_format import (
 from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
+
+_log = logging.getLogger(__name__)
 
 Failpoint = Callable[[str], None]
 """Called with a point name at crash-relevant steps; tests use it to crash the process."""
@@ -286,8 +289,8 @@ class ChunkFile:
         """Return up to ``size`` bytes at ``offset``, fewer at the end of the replica.
 
         Only the blocks in the range are read, and each is verified; holes read as zeros.
-        Neighbouring blocks in one slot region are fetched with one ``pread``; a read of
-        whole uncompressed blocks is that ``pread``'s result itself, without a copy.
+        Neighbouring whole uncompressed blocks in one slot region are fetched with one
+        ``pread`` whose result is returned without a copy when it is the whole answer.
         """
         if offset < 0 or size < 0:
             raise InvalidRequest(f"negative offset {offset} or size {size}")
@@ -618,6 +621,10 @@ class ChunkFile:
             _pwrite_all(self.fd, encode_header(header), 0)
 
     def _punch_released(self) -> None:
+        """Deallocate slots no durable entry references any more (coalesced into runs).
+
+        Only space is at stake here, never data: a failure is logged and punching stops
+        for this file rather than failing a sync that already succeeded."""
         released = sorted(self._released_slots, key=lambda pair: (pair[1], pair[0]))
         self._released_slots.clear()
         if not self._punch_supported:
@@ -633,7 +640,12 @@ class ChunkFile:
             ):
                 stop += 1
             offset = self.layout.slot_offset(first, slot)
-            if not punch_hole(self.fd, offset, (stop - position) * BLOCK_SIZE_BYTES):
+            try:
+                supported = punch_hole(self.fd, offset, (stop - position) * BLOCK_SIZE_BYTES)
+            except OSError as exc:
+                _log.warning("chunk %#x: cannot release unused slots: %s", self.chunk_id, exc)
+                supported = False
+            if not supported:
                 self._punch_supported = False
                 return
             position = stop

@@ -91,6 +91,7 @@ __all__ = [
     "StoreFormatError",
     "StoreInUse",
     "StoreUsage",
+    "replica_file_name",
 ]
 
 _log = logging.getLogger(__name__)

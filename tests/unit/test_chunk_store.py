@@ -19,6 +19,7 @@ from dataserver.block_format import RawBlock, layout_for_capacity
 from dataserver.chunk_store import (
     BLOCK_SIZE_BYTES,
     FORMAT_FILE_NAME,
+    VERIFY_BATCH_BLOCKS,
     ChecksumError,
     ChunkExists,
     ChunkNotFound,
@@ -321,6 +322,19 @@ def test_flipped_bit_is_named_by_read_and_verify(store: ChunkStore, compressed: 
         reopened.write(C1, V1, 5 * B, data[5 * B : 6 * B])
         assert reopened.verify(C1, V1) == []
         assert reopened.read(C1, V1, 0, CHUNK) == data
+
+
+def test_verify_covers_chunks_larger_than_one_lock_batch(tmp_path: Path) -> None:
+    block_count = VERIFY_BATCH_BLOCKS + 32
+    with ChunkStore(tmp_path, chunk_size_bytes=block_count * B) as store:
+        store.create(C1, V1, compressed=False)
+        for block in (0, VERIFY_BATCH_BLOCKS + 1, VERIFY_BATCH_BLOCKS + 6, block_count - 1):
+            store.write(C1, V1, block * B, bytes([block % 251 + 1]) * B)
+        store.sync(C1, V1)
+        bad_block = VERIFY_BATCH_BLOCKS + 6
+        offset = layout_for_capacity(block_count * B).slot_offset(bad_block, 0) + 99
+        _flip_byte(_file_path(store, C1, V1), offset)
+        assert store.verify(C1, V1) == [bad_block]
 
 
 def test_damaged_index_entry_loses_only_its_block(store: ChunkStore) -> None:
