@@ -178,8 +178,8 @@ def run(config: Config) -> None:
         _StoreCase(config, text_piece, "store, zstd, text data", compressed=True),
         _StoreCase(config, random_piece, "store, zstd, random data", compressed=True),
     ]
-    write_s = {case.name: [] for case in cases}
-    read_s = {case.name: [] for case in cases}
+    write_s: dict[str, list[float]] = {case.name: [] for case in cases}
+    read_s: dict[str, list[float]] = {case.name: [] for case in cases}
     disk = {case.name: 0 for case in cases}
     try:
         for _ in range(config.rounds):

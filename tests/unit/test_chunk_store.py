@@ -63,9 +63,9 @@ def store(tmp_path: Path) -> Iterator[ChunkStore]:
         yield opened
 
 
-def _reopen(store: ChunkStore, **kwargs: int) -> ChunkStore:
+def _reopen(store: ChunkStore) -> ChunkStore:
     store.close()
-    return ChunkStore(store.directory, chunk_size_bytes=store.chunk_size_bytes, **kwargs)
+    return ChunkStore(store.directory, chunk_size_bytes=store.chunk_size_bytes)
 
 
 def _file_path(store: ChunkStore, chunk_id: ChunkId, version: ChunkVersion) -> Path:
@@ -360,7 +360,8 @@ def test_damaged_header_marks_the_replica_and_it_can_be_deleted(store: ChunkStor
     _flip_byte(_file_path(store, C1, V1), 30)
     with ChunkStore(store.directory, chunk_size_bytes=CHUNK) as reopened:
         infos = {info.chunk_id: info for info in reopened.list_replicas()}
-        assert infos[C1].damage is not None and "checksum" in infos[C1].damage
+        damage = infos[C1].damage
+        assert damage is not None and "checksum" in damage
         assert infos[C2].damage is None
         with pytest.raises(CorruptReplica):
             reopened.read(C1, V1, 0, 10)

@@ -13,6 +13,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
@@ -42,7 +43,10 @@ def _offsets() -> st.SearchStrategy[int]:
     return st.one_of(st.integers(0, CHUNK - 1), near_boundaries)
 
 
-_BY_KIND: dict[str, st.SearchStrategy[tuple]] = {
+Op = tuple[Any, ...]
+"""An operation: its kind, then that kind's arguments."""
+
+_BY_KIND: dict[str, st.SearchStrategy[Op]] = {
     "write": st.tuples(
         st.just("write"),
         _offsets(),
@@ -93,7 +97,7 @@ class _Harness:
 @seed(SEED)
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
 @given(compressed=st.booleans(), ops=st.lists(_ops, min_size=OPS_MIN, max_size=OPS_MAX))
-def test_random_operations_match_the_model(compressed: bool, ops: list[tuple]) -> None:
+def test_random_operations_match_the_model(compressed: bool, ops: list[Op]) -> None:
     print(f"PAXFS_SEED={SEED}")
     with tempfile.TemporaryDirectory() as directory:
         harness = _Harness(directory)
