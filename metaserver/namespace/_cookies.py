@@ -95,7 +95,7 @@ class CookieIndex:
         cookie = cookie_of(name)
         block = bisect_left(self._maxes, cookie)
         while True:
-            invariant(block < len(self._keys), f"readdir index lost {name!r}")
+            invariant(block < len(self._keys), "readdir index lost a name")
             keys, names = self._keys[block], self._names[block]
             position = bisect_left(keys, cookie)
             while position < len(keys) and keys[position] == cookie and names[position] != name:

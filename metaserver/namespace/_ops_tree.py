@@ -311,7 +311,7 @@ def rename(state: State, ctx: Context, op: Rename) -> OkReply:
             if type(source) is DirNode:
                 if type(target) is not DirNode:
                     raise OpError(errno.ENOTDIR)
-                if target.entries:  # type: ignore[attr-defined]
+                if target.entries:
                     raise OpError(errno.ENOTEMPTY)
             elif type(target) is DirNode:
                 raise OpError(errno.EISDIR)

@@ -193,7 +193,7 @@ def restore(data: bytes) -> State:
         raise SnapshotError(f"a snapshot record exceeds {RECORD_BYTES_MAX} bytes") from None
     except SnapshotError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError) as error:
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as error:
         raise SnapshotError(f"corrupt snapshot: {type(error).__name__}: {error}") from None
     return state
 
@@ -251,40 +251,50 @@ def _load(read: Callable[[], Any]) -> State:
 
 
 def _load_node(record: Any) -> tuple[Node, list[Any] | None]:
-    _expect(isinstance(record, list) and len(record) >= 11, "inode record")
+    if type(record) is not list or len(record) < 12:
+        raise SnapshotError("corrupt snapshot: inode record")
     ino, mode, uid, gid, nlink, atime, mtime, ctime, goal, compress, xattrs = record[:11]
+    if (
+        type(ino) is not int
+        or type(mode) is not int
+        or type(uid) is not int
+        or type(gid) is not int
+        or type(nlink) is not int
+        or type(atime) is not int
+        or type(mtime) is not int
+        or type(ctime) is not int
+        or type(goal) is not int
+        or type(compress) is not bool
+    ):
+        raise SnapshotError(f"corrupt snapshot: fields of inode {ino!r}")
     extra = record[11:]
-    _expect(
-        all(map(_is_int, (ino, mode, uid, gid, nlink, atime, mtime, ctime, goal)))
-        and type(compress) is bool,
-        f"fields of inode {ino!r}",
-    )
     kind = stat.S_IFMT(mode)
     node: Node
     links = None
     if kind == stat.S_IFREG:
         _expect(len(extra) == 2 and _is_int(extra[0]), f"file {ino}")
-        file_node = FileNode(ino, mode, uid, gid, 0, goal, compress)
+        file_node = FileNode(ino, mode, uid, gid, atime, goal, compress)
         file_node.file_size = extra[0]
         if extra[1] is not None:
-            _expect(isinstance(extra[1], list) and all(map(_is_int, extra[1])), f"chunks {ino}")
-            file_node.chunks = array("q", extra[1])
+            _expect(type(extra[1]) is list, f"chunks of {ino}")
+            file_node.chunks = array("q", extra[1])  # refuses anything but int64 values
         node = file_node
     elif kind == stat.S_IFDIR:
-        _expect(len(extra) == 2 and _is_int(extra[0]) and isinstance(extra[1], list), "dir")
-        node = DirNode(ino, mode, uid, gid, 0, goal, compress, None)
+        _expect(len(extra) == 2 and _is_int(extra[0]) and type(extra[1]) is list, "directory")
+        node = DirNode(ino, mode, uid, gid, atime, goal, compress, None)
         links = extra
     elif kind == stat.S_IFLNK:
         _expect(len(extra) == 1 and type(extra[0]) is bytes, f"symlink {ino}")
-        node = SymlinkNode(ino, uid, gid, 0, goal, compress, extra[0])
+        node = SymlinkNode(ino, uid, gid, atime, goal, compress, extra[0])
     else:
         _expect(len(extra) == 1 and _is_int(extra[0]), f"special {ino}")
-        node = SpecialNode(ino, mode, uid, gid, 0, goal, compress, extra[0])
+        node = SpecialNode(ino, mode, uid, gid, atime, goal, compress, extra[0])
     node.nlink = nlink
-    node.atime_ns, node.mtime_ns, node.ctime_ns = atime, mtime, ctime
+    node.mtime_ns = mtime
+    node.ctime_ns = ctime
     if xattrs is not None:
         _expect(
-            isinstance(xattrs, list)
+            type(xattrs) is list
             and all(type(name) is bytes and type(value) is bytes for name, value in xattrs),
             f"xattrs of {ino}",
         )

@@ -118,7 +118,7 @@ class State:
         # lets a chunk scan resume from any inode number in O(log n).
         self.ino_order: array[int] = array("q")
         self.ino_order_dead = 0
-        self.next_ino = ROOT_INODE
+        self.next_ino: int = ROOT_INODE
         self.next_chunk = 1
         self.next_client = 1
         self.deletions: dict[int, int] = {}
@@ -155,11 +155,6 @@ class State:
             raise OpError(errno.EISDIR if type(found) is DirNode else errno.EINVAL)
         return found
 
-    def root(self) -> DirNode:
-        root = self.inodes[ROOT_INODE]
-        invariant(type(root) is DirNode, "the root inode is not a directory")
-        return root  # type: ignore[return-value]
-
     # ------------------------------------------------------------ inode life
 
     def reserve_ino(self) -> int:
@@ -192,8 +187,8 @@ class State:
     def free(self, node: Node) -> None:
         """Forget an inode; its chunks go to the deletion queue."""
         kind = type(node)
-        invariant(node.nlink == 0 or kind is DirNode, f"freeing linked inode {node.ino}")
-        invariant(node.ino not in self.open_counts, f"freeing open inode {node.ino}")
+        invariant(node.nlink == 0 or kind is DirNode, "freeing a linked inode")
+        invariant(node.ino not in self.open_counts, "freeing an open inode")
         del self.inodes[node.ino]
         if kind is FileNode:
             self.files -= 1
@@ -255,7 +250,7 @@ class State:
         return chunk, 1
 
     def deletion_entries(self, limit: int) -> tuple[DeletedChunk, ...]:
-        entries = []
+        entries: list[DeletedChunk] = []
         for chunk, version in self.deletions.items():
             if len(entries) >= limit:
                 break
@@ -273,7 +268,7 @@ class State:
     def release_open(self, session: Session, ino: int, count: int) -> None:
         """Release ``count`` opens of ``ino`` held by ``session``."""
         held = session.opens[ino]
-        invariant(0 < count <= held, f"releasing {count} of {held} opens of {ino}")
+        invariant(0 < count <= held, "releasing more opens than the session holds")
         if held == count:
             del session.opens[ino]
         else:
