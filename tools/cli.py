@@ -144,6 +144,12 @@ def _run_metaserver(_args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _run_dataserver(_args: argparse.Namespace, config: Config) -> int:
+    from dataserver.server import run
+
+    return run(config)
+
+
 def _cluster_manager_services():  # type: ignore[no-untyped-def]
     """The cluster manager's handlers and tasks, once its room has landed."""
     return None
@@ -164,7 +170,7 @@ def subcommands() -> list[Subcommand]:
             "run a dataserver that stores chunk replicas",
             ("cluster", "dataserver"),
             _no_arguments,
-            _not_landed(6),
+            _run_dataserver,
         ),
         Subcommand(
             "mount",

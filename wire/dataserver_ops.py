@@ -355,7 +355,6 @@ class PeerConnections:
             connection = await connect(
                 target, self._key, self._nursery, name=self._name, timeout_s=CONNECT_TIMEOUT_S
             )
-            await _until_started(connection)
             self._connections[address] = connection
             self._connections.move_to_end(address)
         await self._close_excess()
@@ -397,19 +396,3 @@ class PeerConnections:
             await connection.aclose()
 
 
-_START_CHECKPOINTS_MAX = 1000
-
-
-async def _until_started(connection: RpcConnection) -> None:
-    """Let a new connection's frame flusher start before anyone calls on it.
-
-    Works around a race in :class:`wire.framing.FrameWriter`: a frame sent before the
-    flusher runs is written under a lock the flusher does not take, so a large payload
-    still being written when the flusher starts can meet a second writer on the socket
-    (trio.BusyResourceError, which takes the connection's nursery down).
-    """
-    writer = connection._writer  # noqa: SLF001 (see the docstring)
-    for _ in range(_START_CHECKPOINTS_MAX):
-        if writer._flusher_running or connection.closed:  # noqa: SLF001
-            return
-        await trio.lowlevel.checkpoint()

@@ -242,7 +242,9 @@ class FrameWriter:
             while not self.broken:
                 await self._work.wait()
                 self._work = trio.Event()
-                await self._write_queue()
+                # The lock keeps out a direct-mode send begun before the flusher started.
+                async with self._lock:
+                    await self._write_queue()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -150,3 +150,27 @@ def test_valid_frames_truncated_anywhere_raise_protocol_error(header: object, cu
     except ProtocolError:
         return
     assert frames == [] and truncated == b""
+
+
+def test_a_direct_send_in_progress_when_the_flusher_starts_is_not_interleaved() -> None:
+    """A frame written before the flusher runs must finish before the flusher writes."""
+
+    async def run() -> None:
+        # Lockstep: send_all blocks until the reader takes the bytes, so the
+        # direct send is still in progress when the flusher starts.
+        send, receive = trio.testing.lockstep_stream_pair()
+        writer = FrameWriter(send)
+        big = bytes(range(256)) * 4096
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.send, ["direct"], big)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(writer.run_flusher)
+            nursery.start_soon(writer.send, ["queued"], b"x" * 100)
+            reader = FrameReader(receive, LIMITS)
+            first = await reader.receive()
+            second = await reader.receive()
+            assert first is not None and first[0] == ["direct"] and bytes(first[1]) == big
+            assert second is not None and second[0] == ["queued"]
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
