@@ -119,9 +119,11 @@ class FileIoError(Exception):
 
 
 def errno_of(error: BaseException) -> int:
-    """The POSIX errno for an error of the client library (EIO for non-POSIX codes)."""
+    """The POSIX errno for an error of the client library: EIO for codes POSIX has no
+    name for, and for ENOSYS (a server lacking a method), which a FUSE handler must never
+    return (the kernel would disable that operation for the whole mount)."""
     code = getattr(error, "code", errno.EIO)
-    if not isinstance(code, int) or not 0 < code < 4096:
+    if not isinstance(code, int) or not 0 < code < 4096 or code == errno.ENOSYS:
         return errno.EIO
     return code
 
@@ -249,6 +251,8 @@ class _FileState:
     mtime_ns: int | None = None
     """Time of the newest write not yet committed."""
     writer_credentials: Credentials | None = None
+    committed_attr: Attr | None = None
+    """The attributes the last commit of this client returned."""
     error: FileIoError | None = None
     """A write-back failure not yet reported to a flush, fsync or close."""
 
@@ -331,7 +335,7 @@ class FileClient:
                 state.forget_locations()
             state.size = attr.size
         state.opens += 1
-        return OpenFile(self, state, credentials, append)
+        return OpenFile(self, state, credentials, append, attr)
 
     async def _release(self, handle: OpenFile) -> None:
         state = handle.state
@@ -391,10 +395,16 @@ class FileClient:
     def is_open(self, inode: InodeId) -> bool:
         return inode in self._files
 
-    async def statfs(self, credentials: Credentials) -> tuple[StatFsReply, Space]:
-        """Namespace counters and the space live dataservers report."""
+    async def statfs(self, credentials: Credentials) -> tuple[StatFsReply, Space | None]:
+        """Namespace counters and the space live dataservers report (None when the
+        leader serves no cluster manager)."""
         counters: StatFsReply = await self.meta.query(StatFs(), credentials)
-        space: Space = await self.meta.call(SPACE, SpaceRequest())
+        try:
+            space: Space = await self.meta.call(SPACE, SpaceRequest())
+        except RpcError as error:
+            if error.code != errno.ENOSYS:
+                raise
+            return counters, None
         return counters, space
 
     async def flush_all(self) -> None:
@@ -628,6 +638,7 @@ class FileClient:
         state.mtime_ns = None
         if reply is not None:
             state.size = reply.attr.size
+            state.committed_attr = reply.attr
 
     # ------------------------------------------------------------ truncating
 
@@ -744,9 +755,16 @@ class OpenFile:
     of the same inode in this client."""
 
     def __init__(
-        self, client: FileClient, state: _FileState, credentials: Credentials, append: bool
+        self,
+        client: FileClient,
+        state: _FileState,
+        credentials: Credentials,
+        append: bool,
+        attr: Attr,
     ) -> None:
         self.client = client
+        self.attr = attr
+        """The attributes when opened."""
         self.state = state
         self.credentials = credentials
         self.append = append

@@ -155,6 +155,36 @@ def _cluster_manager_services():  # type: ignore[no-untyped-def]
     return None
 
 
+def _mount_arguments(parser: argparse.ArgumentParser) -> None:
+    from fuse_client.mount import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_mount(args: argparse.Namespace, config: Config) -> int:
+    from fuse_client.mount import MountFailed, run_command
+
+    try:
+        return run_command(args, config)
+    except MountFailed as error:
+        raise CommandFailed(str(error)) from None
+
+
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from tools.local_cluster import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_cluster(args: argparse.Namespace, _config: Config) -> int:
+    from tools.local_cluster import ClusterError, run
+
+    try:
+        return run(args)
+    except ClusterError as error:
+        raise CommandFailed(str(error)) from None
+
+
 def subcommands() -> list[Subcommand]:
     """Every subcommand; each room's issue replaces its placeholder as it lands."""
     return [
@@ -176,15 +206,15 @@ def subcommands() -> list[Subcommand]:
             "mount",
             "mount the file system with FUSE",
             ("cluster", "client", "mount"),
-            _no_arguments,
-            _not_landed(7),
+            _mount_arguments,
+            _run_mount,
         ),
         Subcommand(
             "cluster",
             "run a whole cluster on this machine (up, down, status)",
             (),
-            _no_arguments,
-            _not_landed(7),
+            _cluster_arguments,
+            _run_cluster,
         ),
         Subcommand(
             "admin",
