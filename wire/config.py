@@ -51,6 +51,20 @@ class ClusterSettings:
 class MetaserverSettings:
     id: int = field(default=0, metadata={"help": "this metaserver's id in [cluster] metaservers"})
     data_dir: str = field(default="", metadata={"help": "directory for the log and snapshots"})
+    address: str = field(
+        default="",
+        metadata={
+            "help": "HOST:PORT to serve on (default: this id's entry in [cluster] metaservers; "
+            "required with --join)"
+        },
+    )
+    join: bool = field(
+        default=False,
+        metadata={
+            "help": "start as a new replica under a new id, to be added to the running group "
+            "as a learner (never founds a group)"
+        },
+    )
     election_timeout_ms: int = field(default=1000, metadata={"help": "base election timeout"})
     heartbeat_interval_ms: int = field(default=100, metadata={"help": "leader heartbeat period"})
     snapshot_interval_entries: int = field(
@@ -114,6 +128,11 @@ class Config:
             self.metaserver_addresses()
         if self.cluster.key:
             self.cluster_key()
+        if self.metaserver.address:
+            try:
+                parse_address(self.metaserver.address)
+            except ValueError as error:
+                raise ConfigError(f"{self.source}: [metaserver] address: {error}") from None
         try:
             parse_address(self.dataserver.listen, any_port=True)
         except ValueError as error:
