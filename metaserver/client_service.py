@@ -23,11 +23,14 @@ import trio
 from metaserver.replica import Replica
 from wire.admin_ops import (
     GROUP_STATUS,
+    MEMBERSHIP_CHANGE,
     STATE_DIGEST,
     DigestReply,
     DigestRequest,
     GroupStatusReply,
     GroupStatusRequest,
+    MembershipChangeRequest,
+    MembershipReply,
     ReplicaStatus,
 )
 from wire.errors import RpcError
@@ -107,14 +110,13 @@ def register_namespace_handlers(handlers: Handlers, replica: Replica) -> None:
             handlers.register(method, _session_handler(replica))
 
 
-def register_admin_handlers(
-    handlers: Handlers, replica: Replica, addresses: dict[int, str]
-) -> None:
-    """Group status and state digests for the admin tools and the tests."""
+def register_admin_handlers(handlers: Handlers, replica: Replica) -> None:
+    """Group status, state digests and membership changes for the admin tools and tests."""
 
     async def group_status(_request: GroupStatusRequest, _context: CallContext) -> GroupStatusReply:
         status = replica.node.status()
         now_ms = replica.now_ms()
+        addresses = replica.addresses()
         leader = status.leader_id
         replicas = tuple(
             ReplicaStatus(
@@ -130,6 +132,7 @@ def register_admin_handlers(
             for peer in status.peers
         )
         ballot = status.leader_ballot or status.promised
+        membership = status.membership
         return GroupStatusReply(
             node_id=status.node_id,
             role=status.role.name.lower(),
@@ -137,19 +140,32 @@ def register_admin_handlers(
             leader_address="" if leader is None else addresses.get(leader, "?"),
             ballot=str(ballot),
             commit_index=status.commit_index,
-            applied_index=status.applied_index,
+            applied_index=replica.applied_index,
             snapshot_index=status.snapshot_index,
             log_first_slot=status.log_first_slot,
             log_last_slot=status.log_last_slot,
             applied_commands=replica.applied_commands,
             replicas=replicas,
+            voters=() if membership is None else tuple(membership.voters),
+            learners=() if membership is None else tuple(membership.learners),
+            retired=() if membership is None else tuple(membership.retired),
+            addresses=replica.member_addresses(),
         )
 
     async def state_digest(_request: DigestRequest, _context: CallContext) -> DigestReply:
-        return DigestReply(replica.node.applied_index, replica.namespace.digest())
+        namespace, applied = replica.namespace, replica.applied_index
+        return DigestReply(applied, namespace.digest())
+
+    async def membership_change(
+        request: MembershipChangeRequest, _context: CallContext
+    ) -> MembershipReply:
+        if not replica.is_leader:
+            raise replica.not_leader()
+        return await replica.change_membership(request)
 
     handlers.register(GROUP_STATUS, group_status)
     handlers.register(STATE_DIGEST, state_digest)
+    handlers.register(MEMBERSHIP_CHANGE, membership_change)
 
 
 async def expire_sessions_while_leader(replica: Replica) -> None:

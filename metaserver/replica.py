@@ -3,19 +3,35 @@
 This is the owner of :class:`~metaserver.paxos.PaxosNode` described in
 :mod:`metaserver.paxos.ready`.  Inputs (peer messages, ticks, proposals, read
 requests) go straight into the core, which only queues outputs; one driver task
-takes each Ready and does what it asks, in order:
+takes each Ready and does what it asks:
 
 1. install a snapshot received from a peer, durably;
-2. append the records and wait for their fsync (group commit: every proposal
-   that arrived during the previous fsync rides in this one);
-3. only then hand the messages to the peer links (a promise or a vote never
-   leaves before it is on disk);
-4. apply the committed commands to the namespace and wake whoever waits for
-   each reply; then release the reads that became safe;
-5. answer snapshot reads, act on notices, ``advance()``.
+2. queue the records for the log writer (group commit: every proposal that arrived
+   during the previous fsync rides in this one);
+3. send at once the messages that reveal nothing of those records -- the leader's
+   Accept, Commit and Heartbeat requests at a ballot already durable here -- so that
+   the followers' fsync runs in parallel with the leader's own (Raft thesis 10.2.1);
+4. apply the committed commands to the namespace and wake whoever waits for each
+   reply (a committed slot is chosen: a quorum holds it durably, so applying it does
+   not wait for this replica's own records);
+5. wait for the fsync, and only then send the other messages (a promise or a vote
+   never leaves before it is on disk) and ``advance()``, which counts the leader's
+   own vote;
+6. release the reads that became safe, answer snapshot reads, act on notices.
 
-Periodic snapshots and log compaction happen between ``advance()`` and the next
-``ready()``, as the core requires.
+Linearizable reads are served at once while the leader holds a lease from a quorum
+(``ReadMode.LEASE``) and its state has applied everything committed; otherwise they
+wait for a read-index confirmation from the core.
+
+Snapshots: the namespace is serialised in a worker thread while the driver keeps
+running (heartbeats, votes, fsyncs); committed commands wait in a bounded backlog
+until the serialisation ends, so the thread reads a state nobody writes.  The saved
+snapshot then compacts the log, between ``advance()`` and the next ``ready()`` as the
+core requires.
+
+Every replica also keeps a durable set of the metaservers it has heard from (see
+:class:`~metaserver.codec.HeardFromRecord`), and applies *group commands* (the
+addresses of replicas added later) beside the namespace's commands.
 """
 
 from __future__ import annotations
@@ -25,17 +41,32 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
-from metaserver.codec import decode_snapshot, encode_record, encode_snapshot
+from metaserver.codec import (
+    GroupState,
+    HeardFromRecord,
+    SetMetaserverAddress,
+    decode_group_command,
+    decode_snapshot,
+    encode_group_command,
+    encode_record,
+    encode_snapshot,
+    is_group_command,
+)
 from metaserver.namespace import Namespace, decode_command, encode_command
 from metaserver.paxos import (
+    Ballot,
     CommittedEntry,
     EntryKind,
     LeaderChanged,
+    MembershipChange,
+    MembershipChangeKind,
+    MembershipCommitted,
+    MembershipResult,
     NodeId,
     PaxosNode,
     ProposalsDropped,
@@ -45,33 +76,61 @@ from metaserver.paxos import (
     ReadsFailed,
     Ready,
     Role,
+    Slot,
     SnapshotMeta,
 )
+from metaserver.paxos.messages import Accept, Commit, Heartbeat
+from metaserver.paxos.records import AcceptedRecord, CommitRecord, PromiseRecord
 from metaserver.storage import MetaStorage
 from wire import schema
+from wire.address import Address, parse_address
+from wire.admin_ops import (
+    MemberAddress,
+    MembershipAction,
+    MembershipChangeRequest,
+    MembershipReply,
+)
 from wire.errors import NOT_LEADER, RpcError
+from wire.invariant import invariant
 from wire.namespace_ops import Command, Reply
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_MS = 10
+MEMBERSHIP_WAIT_S_MAX = 30.0
+"""How long a membership change waits to come into force before answering EAGAIN."""
+
+_EARLY_MESSAGE_TYPES = (Accept, Commit, Heartbeat)
+"""Leader requests that reveal no acceptor state: they may leave before the fsync."""
+
+_MEMBERSHIP_KINDS = {
+    MembershipAction.ADD_LEARNER: MembershipChangeKind.ADD_LEARNER,
+    MembershipAction.PROMOTE: MembershipChangeKind.PROMOTE,
+    MembershipAction.REMOVE: MembershipChangeKind.REMOVE,
+    MembershipAction.REPLACE: MembershipChangeKind.REPLACE,
+}
 
 
 @dataclass(frozen=True)
 class ReplicaOptions:
     snapshot_interval_entries: int = 100_000
     """Applied slots between snapshots (each snapshot also compacts the log)."""
+    apply_backlog_slots_max: int = 8_192
+    """Committed slots held back while a snapshot is serialised; past it the driver
+    waits for the serialisation (and the leader refuses new proposals past half)."""
 
 
 class _Waiter:
     """A task waiting for one outcome (a reply, or an error) from the driver."""
 
-    __slots__ = ("_event", "outcome", "error")
+    __slots__ = ("_event", "outcome", "error", "command")
 
-    def __init__(self) -> None:
+    def __init__(self, command: Any = None) -> None:
         self._event = trio.Event()
         self.outcome: Any = None
         self.error: RpcError | None = None
+        self.command = command
+        """The decoded command, so that the leader need not decode its own proposal."""
 
     def resolve(self, outcome: Any) -> None:
         if not self._event.is_set():
@@ -91,54 +150,129 @@ class _Waiter:
 
 
 MessageSink = Callable[[NodeId, list[Any]], None]
-LeaderHint = Callable[[NodeId | None], str]
+AddressSink = Callable[[int, Address], None]
 
 
 class Replica:
-    """A running replica; see the module docstring for the Ready loop it drives."""
+    """A running replica; see the module docstring for the Ready loop it drives.
+
+    ``founders`` are the founding members' addresses from ``[cluster] metaservers``;
+    ``group`` is the replicated group state recovered with the snapshot; ``heard`` the
+    durable set of peers this replica has taken messages from.  ``send_messages`` and
+    ``set_peer_address`` are the peer links.
+    """
 
     def __init__(
         self,
         node: PaxosNode,
         namespace: Namespace,
         storage: MetaStorage,
+        *,
+        founders: dict[int, Address],
+        group: GroupState,
+        heard: set[int],
         send_messages: MessageSink,
-        leader_address: LeaderHint,
+        set_peer_address: AddressSink,
         options: ReplicaOptions,
         snapshot_blob: bytes | None,
     ) -> None:
         self.node = node
         self.namespace = namespace
+        self.group = group
+        self._founders = dict(founders)
         self._storage = storage
         self._send_messages = send_messages
-        self._leader_address = leader_address
+        self._set_peer_address = set_peer_address
         self._options = options
         self._snapshot_blob = snapshot_blob
         self._snapshot_index = node.snapshot_index
+        self.applied_index = node.applied_index
+        """Last slot applied to ``namespace`` (behind the core's while a backlog waits)."""
+        self._durable_ballot: Ballot = node.promised
         self._proposals: dict[bytes, deque[_Waiter]] = defaultdict(deque)
         self._reads: dict[ReadId, _Waiter] = {}
+        self._reads_unapplied: deque[tuple[int, ReadId]] = deque()
         self._next_read_id = 0
         self._kicked = trio.Event()
+        self._progressed = trio.Event()
+        self._backlog: deque[CommittedEntry] = deque()
+        self._serialising = False
+        self._serialised = trio.Event()
+        self._snapshot_task_done = trio.Event()
+        self._snapshot_task_done.set()
+        self._snapshot_saved: tuple[SnapshotMeta, bytes] | None = None
+        self._compaction_due = False
+        self._nursery: trio.Nursery | None = None
+        self._heard = set(heard)
+        self._heard_submitted = set(heard)
+        self._heard_pending: dict[int, trio.Event] = {}
         self.leader_epoch = 0
         """Grows at every leader change this replica sees (cluster-manager epochs)."""
         self.leader_changed = trio.Event()
         """Set (and replaced) whenever the leader changes."""
         self.applied_commands = 0
+        self.snapshots_taken = 0
+        for node_id, address in self.group.address_map().items():
+            self._set_peer_address(node_id, parse_address(address))
 
-    # ------------------------------------------------------------ time
+    # ------------------------------------------------------------ time and identity
 
     @staticmethod
     def now_ms() -> int:
         return int(trio.current_time() * 1000)
 
+    def addresses(self) -> dict[int, str]:
+        """Every metaserver's address known here: founders, then replicas added later."""
+        known = {node: str(address) for node, address in self._founders.items()}
+        known.update(self.group.address_map())
+        return known
+
+    def member_addresses(self) -> tuple[MemberAddress, ...]:
+        return tuple(MemberAddress(n, a) for n, a in sorted(self.addresses().items()))
+
+    def heard_from(self, node_id: int) -> bool:
+        """Whether this replica has (or is about to have) durably heard from ``node_id``."""
+        return node_id in self._heard_submitted
+
+    def is_retired(self, node_id: int) -> bool:
+        membership = self.node.membership()
+        return membership is not None and node_id in membership.retired
+
+    def may_send(self, node_id: int) -> bool:
+        """Accept Paxos messages from ``node_id``: any positive id not retired."""
+        return node_id > 0 and node_id != self.node.node_id and not self.is_retired(node_id)
+
     # ------------------------------------------------------------ inputs
 
-    def deliver(self, messages: tuple[Any, ...]) -> None:
-        """Step peer messages into the core (the driver sends whatever they cause)."""
+    async def deliver(self, sender: int, messages: tuple[Any, ...]) -> None:
+        """Step peer messages into the core (the driver sends whatever they cause).
+
+        The first messages ever taken from ``sender`` wait until that fact is durable.
+        """
+        if sender not in self._heard:
+            await self._record_heard(sender)
         now = self.now_ms()
         for message in messages:
             self.node.step(message, now)
         self._kick()
+
+    async def _record_heard(self, sender: int) -> None:
+        pending = self._heard_pending.get(sender)
+        if pending is not None:
+            await pending.wait()
+            if sender not in self._heard:
+                raise RpcError(errno.EAGAIN, "recording the sender failed; resend")
+            return
+        pending = self._heard_pending[sender] = trio.Event()
+        self._heard_submitted.add(sender)
+        try:
+            ticket = await self._storage.submit([encode_record(HeardFromRecord((sender,)))])
+            await ticket.wait_durable()
+            self._heard.add(sender)
+            log.info("first contact with metaserver %d recorded", sender)
+        finally:
+            del self._heard_pending[sender]
+            pending.set()
 
     def _kick(self) -> None:
         self._kicked.set()
@@ -147,11 +281,15 @@ class Replica:
     def is_leader(self) -> bool:
         return self.node.role == Role.LEADER
 
+    def leader_address(self) -> str:
+        leader = self.node.leader_id
+        if leader is None or leader == self.node.node_id:
+            return ""
+        return self.addresses().get(leader, "")
+
     def not_leader(self) -> RpcError:
         """The redirect error: its message is the leader's address, or empty."""
-        leader = self.node.leader_id
-        hint = "" if leader is None or leader == self.node.node_id else self._leader_address(leader)
-        return RpcError(NOT_LEADER, hint)
+        return RpcError(NOT_LEADER, self.leader_address())
 
     async def submit(self, command: Command) -> Reply:
         """Propose ``command`` and return the namespace's reply once it is applied here.
@@ -159,7 +297,15 @@ class Replica:
         Raises ``RpcError(NOT_LEADER)`` when this replica cannot propose (the
         client retries at the leader with the same sequence number).
         """
-        data = encode_command(command)
+        return await self._propose(encode_command(command), command)  # type: ignore[no-any-return]
+
+    async def submit_group(self, command: SetMetaserverAddress) -> None:
+        """Propose a group command and return once it is applied here."""
+        await self._propose(encode_group_command(command), command)
+
+    async def _propose(self, data: bytes, command: Any) -> Any:
+        if len(self._backlog) > self._options.apply_backlog_slots_max // 2:
+            raise RpcError(errno.EAGAIN, "metaserver busy writing a snapshot; retry")
         result = self.node.propose(data)
         if result == ProposeResult.NOT_LEADER:
             raise self.not_leader()
@@ -167,13 +313,12 @@ class Replica:
             raise RpcError(errno.EAGAIN, "metaserver proposal queue is full; retry")
         if result == ProposeResult.TOO_LARGE:
             raise RpcError(errno.E2BIG, "command too large")
-        waiter = _Waiter()
+        waiter = _Waiter(command)
         waiters = self._proposals[data]
         waiters.append(waiter)
         self._kick()
         try:
-            reply: Reply = await waiter.wait()
-            return reply
+            return await waiter.wait()
         finally:
             if waiter in waiters:
                 waiters.remove(waiter)
@@ -181,10 +326,21 @@ class Replica:
                 self._proposals.pop(data, None)
 
     async def confirm_read(self) -> None:
-        """Return once the applied state may answer a linearizable read (read-index)."""
+        """Return once the applied state may answer a linearizable read.
+
+        At once while this leader holds a valid lease and has applied everything
+        committed; otherwise through the core's read-index confirmation.
+        """
+        node = self.node
+        if (
+            self.applied_index >= node.commit_index
+            and not self._backlog
+            and node.lease_valid(self.now_ms())
+        ):
+            return
         self._next_read_id += 1
         read_id = ReadId(self._next_read_id)
-        result = self.node.request_read(read_id, self.now_ms())
+        result = node.request_read(read_id, self.now_ms())
         if result == ReadResult.NOT_LEADER:
             raise self.not_leader()
         if result == ReadResult.BUSY:
@@ -197,11 +353,94 @@ class Replica:
         finally:
             self._reads.pop(read_id, None)
 
+    # ------------------------------------------------------------ membership
+
+    async def change_membership(self, request: MembershipChangeRequest) -> MembershipReply:
+        """Carry out one membership change as leader; return once it is in force.
+
+        ADD_LEARNER first replicates the new replica's address (a group command), so
+        that every replica can reach it before the core starts sending it the log.
+        """
+        node_id = request.node_id
+        if request.action == MembershipAction.ADD_LEARNER:
+            try:
+                address = parse_address(request.address)
+            except ValueError as error:
+                raise RpcError(errno.EINVAL, str(error)) from None
+            known = self.addresses().get(node_id)
+            if known is not None and known != str(address):
+                raise RpcError(
+                    errno.EEXIST, f"metaserver {node_id} is known at {known}, not {address}"
+                )
+            if self._in_force(request):
+                return self.membership_reply()
+            if self.is_retired(node_id):
+                raise RpcError(errno.EINVAL, f"id {node_id} was retired; ids are never reused")
+            if known is None:
+                await self.submit_group(SetMetaserverAddress(node_id, str(address)))
+        if self._in_force(request):
+            return self.membership_reply()
+        change = MembershipChange(
+            _MEMBERSHIP_KINDS[request.action],
+            NodeId(node_id),
+            NodeId(request.old_node_id) if request.action == MembershipAction.REPLACE else None,
+        )
+        result = self.node.change_membership(change)
+        if result == MembershipResult.NOT_LEADER:
+            raise self.not_leader()
+        if result in (MembershipResult.CHANGE_IN_PROGRESS, MembershipResult.LEARNER_BEHIND):
+            reason = "another change is in progress"
+            if result == MembershipResult.LEARNER_BEHIND:
+                reason = f"learner {node_id} is still catching up"
+            raise RpcError(errno.EAGAIN, f"{reason}; retry")
+        if result == MembershipResult.ID_RETIRED:
+            raise RpcError(errno.EINVAL, f"id {node_id} was retired; ids are never reused")
+        if result == MembershipResult.UNKNOWN_NODE:
+            raise RpcError(errno.ENOENT, f"no such member for {request.action.name}: {node_id}")
+        if result != MembershipResult.OK and result != MembershipResult.ALREADY_MEMBER:
+            raise RpcError(errno.EINVAL, f"membership change refused: {result.name}")
+        self._kick()
+        with trio.move_on_after(MEMBERSHIP_WAIT_S_MAX):
+            while not self._in_force(request):
+                if not self.is_leader:
+                    raise self.not_leader()
+                await self._progressed.wait()
+            log.info("membership now %s", self.node.membership())
+            return self.membership_reply()
+        raise RpcError(errno.EAGAIN, "membership change not in force yet; retry")
+
+    def _in_force(self, request: MembershipChangeRequest) -> bool:
+        if self.node.status().pending_membership is not None:
+            return False
+        membership = self.node.membership()
+        if membership is None:
+            return False
+        node_id = request.node_id
+        if request.action == MembershipAction.ADD_LEARNER:
+            return node_id in membership.members
+        if request.action == MembershipAction.PROMOTE:
+            return node_id in membership.voters
+        if request.action == MembershipAction.REMOVE:
+            return node_id in membership.retired
+        return node_id in membership.voters and request.old_node_id in membership.retired
+
+    def membership_reply(self) -> MembershipReply:
+        membership = self.node.membership()
+        if membership is None:
+            raise RpcError(errno.EAGAIN, "this replica has not learned the membership yet")
+        return MembershipReply(
+            voters=tuple(membership.voters),
+            learners=tuple(membership.learners),
+            retired=tuple(membership.retired),
+            addresses=self.member_addresses(),
+        )
+
     # ------------------------------------------------------------ the driver
 
     async def run(self) -> None:
         """Tick the core and drive its Ready loop until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._tick_loop)
             await self._drive()
 
@@ -215,30 +454,38 @@ class Replica:
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
+            self._drain_backlog()
             while self.node.has_ready():
                 ready = self.node.ready()
                 await self._handle(ready)
                 self.node.advance(ready)
-                await self._maybe_snapshot()
+                await self._after_advance()
+                self._progressed.set()
+                self._progressed = trio.Event()
 
     async def _handle(self, ready: Ready) -> None:
         if ready.snapshot_install is not None:
             await self._install(ready.snapshot_install.meta, ready.snapshot_install.data)
+        ticket = None
+        held: tuple[Any, ...] = ()
         if ready.records:
             ticket = await self._storage.submit([encode_record(r) for r in ready.records])
-            await ticket.wait_durable()
-        if ready.messages:
-            by_peer: dict[NodeId, list[Any]] = defaultdict(list)
-            for outbound in ready.messages:
-                by_peer[outbound.to].append(outbound.message)
-            for peer, messages in by_peer.items():
-                self._send_messages(peer, messages)
+        if ticket is not None and not all(type(r) is CommitRecord for r in ready.records):
+            held = self._send(ready.messages, early_only=True)
+        else:
+            # Nothing in this Ready waits for a commit index to be durable: the slots are
+            # chosen (a quorum holds them); the record only shortens recovery.  Later
+            # records are durable only after it (the log is written in order).
+            self._send(ready.messages, early_only=False)
+            ticket = None
         for entry in ready.committed:
-            self._apply(entry)
+            self._commit_entry(entry)
+        if ticket is not None:
+            await ticket.wait_durable()
+            self._note_durable(ready)
+            self._send(held, early_only=False)
         for read in ready.reads:
-            waiter = self._reads.get(read.read_id)
-            if waiter is not None:
-                waiter.resolve(read.index)
+            self._read_ready(read.read_id, read.index)
         for snapshot_read in ready.snapshot_reads:
             blob = self._snapshot_blob
             data = None
@@ -248,26 +495,104 @@ class Replica:
         for notice in ready.notices:
             self._on_notice(notice)
 
-    def _apply(self, entry: CommittedEntry) -> None:
-        if entry.kind != EntryKind.COMMANDS:
+    def _send(self, messages: tuple[Any, ...], *, early_only: bool) -> tuple[Any, ...]:
+        """Hand ``messages`` to the peer links; with ``early_only`` only those that may
+        leave before this Ready's fsync, returning the rest."""
+        by_peer: dict[NodeId, list[Any]] = defaultdict(list)
+        held: list[Any] = []
+        durable = self._durable_ballot
+        for outbound in messages:
+            message = outbound.message
+            if early_only and not (
+                isinstance(message, _EARLY_MESSAGE_TYPES) and message.ballot <= durable
+            ):
+                held.append(outbound)
+                continue
+            by_peer[outbound.to].append(message)
+        for peer, batch in by_peer.items():
+            self._send_messages(peer, batch)
+        return tuple(held)
+
+    def _note_durable(self, ready: Ready) -> None:
+        for record in ready.records:
+            if isinstance(record, (PromiseRecord, AcceptedRecord)):
+                if record.ballot > self._durable_ballot:
+                    self._durable_ballot = record.ballot
+
+    # ------------------------------------------------------------ applying
+
+    def _commit_entry(self, entry: CommittedEntry) -> None:
+        if self._serialising or self._backlog:
+            self._backlog.append(entry)
             return
-        for data in entry.commands:
-            try:
-                command = decode_command(data)
-            except schema.SchemaError as error:
-                # Every replica skips the same bytes, so state stays identical.
-                log.error("slot %d holds an undecodable command: %s", entry.slot, error)
-                reply: Any = RpcError(errno.EPROTO, "undecodable command")
+        self._apply(entry)
+
+    def _drain_backlog(self) -> None:
+        if self._serialising:
+            return
+        while self._backlog:
+            self._apply(self._backlog.popleft())
+
+    def _apply(self, entry: CommittedEntry) -> None:
+        invariant(entry.slot == self.applied_index + 1, f"applying slot {entry.slot} out of order")
+        self.applied_index = entry.slot
+        if entry.kind == EntryKind.COMMANDS:
+            for data in entry.commands:
+                self._apply_command(data)
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        while self._reads_unapplied and self._reads_unapplied[0][0] <= self.applied_index:
+            _index, read_id = self._reads_unapplied.popleft()
+            waiter = self._reads.get(read_id)
+            if waiter is not None:
+                waiter.resolve(None)
+
+    def _apply_command(self, data: bytes) -> None:
+        waiters = self._proposals.get(data)
+        waiter = waiters[0] if waiters else None
+        reply: Any
+        try:
+            if is_group_command(data):
+                command = waiter.command if waiter is not None else decode_group_command(data)
+                reply = self._apply_group(command)
             else:
+                command = waiter.command if waiter is not None else decode_command(data)
                 reply = self.namespace.apply(command)
                 self.applied_commands += 1
-            waiters = self._proposals.get(data)
-            if waiters:
-                waiter = waiters.popleft()
-                if isinstance(reply, RpcError):
-                    waiter.fail(reply)
-                else:
-                    waiter.resolve(reply)
+        except schema.SchemaError as error:
+            # Every replica skips the same bytes, so state stays identical.
+            log.error("slot %d holds an undecodable command: %s", self.applied_index, error)
+            reply = RpcError(errno.EPROTO, "undecodable command")
+        if waiters:
+            waiters.popleft()
+            assert waiter is not None
+            if isinstance(reply, RpcError):
+                waiter.fail(reply)
+            else:
+                waiter.resolve(reply)
+
+    def _apply_group(self, command: SetMetaserverAddress) -> RpcError | None:
+        try:
+            address = parse_address(command.address)
+        except ValueError as error:
+            return RpcError(errno.EINVAL, str(error))
+        book = self.group.address_map()
+        book[command.node] = str(address)
+        entries = tuple(MemberAddress(n, a) for n, a in sorted(book.items()))
+        self.group = replace(self.group, addresses=entries)
+        self._set_peer_address(command.node, address)
+        log.info("metaserver %d is at %s", command.node, address)
+        return None
+
+    def _read_ready(self, read_id: ReadId, index: int) -> None:
+        waiter = self._reads.get(read_id)
+        if waiter is None:
+            return
+        if index <= self.applied_index:
+            waiter.resolve(None)
+        else:
+            self._reads_unapplied.append((index, read_id))
 
     def _on_notice(self, notice: Any) -> None:
         if isinstance(notice, LeaderChanged):
@@ -275,6 +600,12 @@ class Replica:
             self.leader_changed.set()
             self.leader_changed = trio.Event()
             log.info("leader is now %s (ballot %s)", notice.leader, notice.ballot)
+            if notice.leader != self.node.node_id:
+                # Commands that got a slot may still be chosen, or not: let the clients
+                # retry at the new leader with the same sequence numbers.
+                for waiters in self._proposals.values():
+                    for waiter in waiters:
+                        waiter.fail(self.not_leader())
         elif isinstance(notice, ProposalsDropped):
             for data in notice.commands:
                 for waiter in self._proposals.pop(data, ()):
@@ -284,33 +615,91 @@ class Replica:
                 waiter = self._reads.get(read_id)
                 if waiter is not None:
                     waiter.fail(self.not_leader())
+        elif isinstance(notice, MembershipCommitted):
+            log.info(
+                "membership %s chosen at slot %d, in force from slot %d",
+                notice.membership,
+                notice.entry_slot,
+                notice.effective_slot,
+            )
 
     # ------------------------------------------------------------ snapshots
 
     async def _install(self, meta: SnapshotMeta, blob: bytes) -> None:
         """Replace the namespace with a peer's snapshot and make it durable."""
-        _meta, namespace_bytes = decode_snapshot(blob)
+        await self._snapshot_task_done.wait()
+        _meta, namespace_bytes, group = decode_snapshot(blob)
         self.namespace = Namespace.restore(namespace_bytes)
+        self.group = group
+        for node_id, address in group.address_map().items():
+            self._set_peer_address(node_id, parse_address(address))
+        self._backlog.clear()
+        self.applied_index = meta.index
+        self._release_reads()
         await self._storage.save_snapshot(meta.index, blob)
         self._snapshot_blob = blob
         self._snapshot_index = meta.index
-        log.info("installed snapshot at slot %d from a peer", meta.index)
+        log.info("installed snapshot at slot %d from a peer (%d bytes)", meta.index, len(blob))
 
-    async def _maybe_snapshot(self) -> None:
-        applied = self.node.applied_index
-        if applied - self._snapshot_index < self._options.snapshot_interval_entries:
+    async def _after_advance(self) -> None:
+        """Between ``advance()`` and the next ``ready()``: finish or start a snapshot."""
+        if len(self._backlog) > self._options.apply_backlog_slots_max:
+            await self._serialised.wait()
+            self._drain_backlog()
+        saved, self._snapshot_saved = self._snapshot_saved, None
+        if saved is not None and saved[0].index > self._snapshot_index:
+            meta, blob = saved
+            self.node.snapshot_saved(meta, len(blob))
+            self._snapshot_blob = blob
+            self._snapshot_index = meta.index
+            self._compaction_due = True
+        if self._compaction_due:
+            records = self.node.compacted_records()
+            if records is not None:
+                self._compaction_due = False
+                payloads = [encode_record(r) for r in records]
+                heard = HeardFromRecord(tuple(sorted(self._heard_submitted)))
+                payloads.append(encode_record(heard))
+                await self._storage.compact(payloads)
             return
+        if (
+            self._snapshot_task_done.is_set()
+            and not self._backlog
+            and self.applied_index - self._snapshot_index >= self._options.snapshot_interval_entries
+            and self._nursery is not None
+        ):
+            meta = self.node.snapshot_meta(Slot(self.applied_index))
+            self._snapshot_task_done = trio.Event()
+            self._serialising = True
+            self._serialised = trio.Event()
+            self._nursery.start_soon(self._take_snapshot, meta)
+
+    async def _take_snapshot(self, meta: SnapshotMeta) -> None:
+        """Serialise in a thread (applies wait meanwhile), save, and hand the result to
+        the driver, which tells the core and compacts the log."""
         started = time.monotonic()
-        meta = self.node.snapshot_meta(applied)
-        blob = encode_snapshot(meta, self.namespace.snapshot())
-        await self._storage.save_snapshot(meta.index, blob)
-        self.node.snapshot_saved(meta, len(blob))
-        self._snapshot_blob = blob
-        self._snapshot_index = meta.index
-        await self._storage.compact([encode_record(r) for r in self.node.compacted_records()])
+        namespace, group = self.namespace, self.group
+        try:
+            try:
+                blob = await trio.to_thread.run_sync(
+                    lambda: encode_snapshot(meta, namespace.snapshot(), group),
+                    abandon_on_cancel=True,
+                )
+            finally:
+                self._serialising = False
+                self._serialised.set()
+                self._kick()
+            serialised_s = time.monotonic() - started
+            await self._storage.save_snapshot(meta.index, blob)
+            self._snapshot_saved = (meta, blob)
+            self.snapshots_taken += 1
+        finally:
+            self._snapshot_task_done.set()
+            self._kick()
         log.info(
-            "snapshot at slot %d (%d bytes) in %.2f s; log compacted",
+            "snapshot at slot %d (%d bytes): serialised in %.2f s, saved in %.2f s",
             meta.index,
             len(blob),
-            time.monotonic() - started,
+            serialised_s,
+            time.monotonic() - started - serialised_s,
         )
