@@ -200,7 +200,11 @@ class Namespace:
         new_floor = ack if ack > floor else floor
         if seq < floor or ack > seq or seq - new_floor >= REPLY_WINDOW:
             return PROTOCOL_VIOLATION
-        if new_floor > floor:
+        if new_floor == floor + 1:
+            # The common case: one request completed since the last command.
+            replies.pop(floor, None)
+            session.floor = new_floor
+        elif new_floor > floor:
             _forget_replies(session, new_floor)
         handler = MUTATIONS.get(type(call.op))
         credentials = context.credentials

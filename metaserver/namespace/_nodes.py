@@ -171,7 +171,18 @@ class FileNode(Node):
     def __init__(
         self, ino: int, mode: int, uid: int, gid: int, time_ns: int, goal: int, compress: bool
     ) -> None:
-        super().__init__(ino, mode, uid, gid, 1, time_ns, goal, compress)
+        # Node.__init__ inlined: a create builds one of these per call.
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.nlink = 1
+        self.atime_ns = time_ns
+        self.mtime_ns = time_ns
+        self.ctime_ns = time_ns
+        self.goal = goal
+        self.compress = compress
+        self.xattrs = None
         self.file_size = 0
         self.chunks: array[int] | None = None
 
@@ -181,6 +192,26 @@ class FileNode(Node):
     def stored_bytes(self) -> int:
         chunks = self.chunks
         return 0 if chunks is None else sum(chunks[3::CHUNK_FIELDS])
+
+    def attr(self) -> Attr:
+        # Files are most of the namespace: skip the generic path's method calls.
+        chunks = self.chunks
+        stored = 0 if chunks is None else sum(chunks[3::CHUNK_FIELDS])
+        return make_attr(
+            self.ino,
+            self.mode,
+            self.nlink,
+            self.uid,
+            self.gid,
+            0,
+            self.file_size,
+            (stored + 511) >> 9,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.goal,
+            self.compress,
+        )
 
     def chunk_position(self, index: int) -> int:
         """Position (in chunks, not ints) of the first chunk whose index is >= ``index``."""
