@@ -1,0 +1,266 @@
+"""Real mounts of real clusters on loopback, one cluster per test module where tests do
+not interfere.
+
+A cluster is started with ``paxfs cluster up --dir D --mount D/mnt`` (small chunks, short
+timeouts) and always stopped with ``paxfs cluster down --dir D``, also when a test fails.
+Until the metaserver's cluster manager has landed, the leader is the single-process
+stand-in of :mod:`tests.fuse.standin_leader` (the real namespace, no Paxos) and the
+dataservers and the mount are the real processes; tests that need a real metaserver
+group (leader failover) are skipped then, with that reason.  ``PAXFS_FUSE_LEADER=standin``
+forces the stand-in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import local_cluster
+from tools.local_cluster import (
+    ClusterLayout,
+    check_health,
+    is_mounted,
+    spawn,
+    wait_until,
+    write_config,
+)
+from wire.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHUNK_SIZE_BYTES = 256 * 1024
+START_TIMEOUT_S = 60.0
+TEST_SETTINGS = """
+[metaserver]
+election_timeout_ms = 500
+heartbeat_interval_ms = 50
+session_timeout_s = 20.0
+dataserver_dead_after_s = 3.0
+
+[dataserver]
+heartbeat_interval_s = 0.2
+scrub_rate_mib_s = 0.0
+
+[client]
+call_timeout_s = 2.0
+no_quorum_timeout_s = 60.0
+
+[mount]
+attr_timeout_s = 0.2
+entry_timeout_s = 0.2
+write_buffer_bytes = 8388608
+readahead_bytes = 1048576
+"""
+
+
+def _missing_fuse() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    return None
+
+
+def cluster_manager_landed() -> bool:
+    """True once ``paxfs metaserver`` runs the cluster manager (dataservers can register)."""
+    if os.environ.get("PAXFS_FUSE_LEADER") == "standin":
+        return False
+    import tools.cli
+
+    return "cluster_manager" in inspect.getsource(tools.cli._cluster_manager_services)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_fuse() -> None:
+    reason = _missing_fuse()
+    if reason:
+        pytest.skip(reason)
+
+
+def paxfs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``paxfs ARGS`` with this interpreter; fail with its output if ``check``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"paxfs {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@dataclass
+class LocalCluster:
+    """A running cluster and its mount, as ``paxfs cluster up`` left them."""
+
+    directory: Path
+    mountpoint: Path
+    real: bool
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / local_cluster.CONFIG_NAME
+
+    def layout(self) -> ClusterLayout:
+        layout = ClusterLayout.load(self.directory)
+        assert layout is not None, "no processes.json"
+        return layout
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted((self.directory / "logs").glob("*.log")):
+            text = path.read_text(errors="replace")
+            parts.append(f"---- {path.name} (tail)\n{text[-2500:]}")
+        return "\n".join(parts)
+
+    def down(self) -> None:
+        result = paxfs("cluster", "down", "--dir", str(self.directory), check=False)
+        if result.returncode != 0:
+            print(result.stdout, result.stderr)
+
+
+def start_cluster(
+    directory: Path, *, dataservers: int = 3, metaservers: int = 3, mount: bool = True
+) -> LocalCluster:
+    """Start a cluster under ``directory`` (mounted at ``directory/mnt``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mountpoint = directory / "mnt"
+    real = cluster_manager_landed()
+    write_config(
+        directory,
+        metaservers if real else 1,
+        dataservers,
+        3,
+        CHUNK_SIZE_BYTES,
+        extra=TEST_SETTINGS,
+    )
+    cluster = LocalCluster(directory, mountpoint, real)
+    try:
+        if real:
+            args = ["cluster", "up", "--dir", str(directory), "--timeout", str(START_TIMEOUT_S)]
+            if mount:
+                args += ["--mount", str(mountpoint)]
+            paxfs(*args)
+        else:
+            _start_with_standin(cluster, dataservers, mount)
+    except BaseException:
+        print(cluster.logs())
+        cluster.down()
+        raise
+    return cluster
+
+
+def _start_with_standin(cluster: LocalCluster, dataservers: int, mount: bool) -> None:
+    """The processes ``cluster up`` would start, with the stand-in as the leader."""
+    directory = cluster.directory
+    config_path = cluster.config_path
+    logs = directory / "logs"
+    layout = ClusterLayout(str(directory))
+    layout.processes.append(
+        spawn(
+            "metaserver",
+            "metaserver-1",
+            [sys.executable, "-m", "tests.fuse.standin_leader", "-c", str(config_path)],
+            logs / "metaserver-1.log",
+        )
+    )
+    ports = local_cluster.dataserver_ports(config_path)
+    for position, port in enumerate(ports, start=1):
+        layout.processes.append(
+            spawn(
+                "dataserver",
+                f"dataserver-{position}",
+                local_cluster._dataserver_command(  # noqa: SLF001
+                    config_path, directory / f"data-{position}", port
+                ),
+                logs / f"dataserver-{position}.log",
+            )
+        )
+    layout.save()
+    config = load_config(str(config_path))
+    local_cluster._wait_healthy(config, layout, dataservers, START_TIMEOUT_S)  # noqa: SLF001
+    if mount:
+        cluster.mountpoint.mkdir(exist_ok=True)
+        record = spawn(
+            "mount",
+            "mount",
+            local_cluster._mount_command(config_path, str(cluster.mountpoint)),  # noqa: SLF001
+            logs / "mount.log",
+        )
+        layout.processes.append(record)
+        layout.mountpoint = str(cluster.mountpoint)
+        layout.save()
+        wait_until(
+            lambda: is_mounted(str(cluster.mountpoint)) or not record.alive(),
+            START_TIMEOUT_S,
+            "the mount",
+        )
+        assert record.alive(), cluster.logs()
+
+
+@contextmanager
+def cluster_directory() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's own tmp dirs are private to root,
+    which would turn every check as another user into EACCES); removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="paxfs-fuse-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def running_cluster(**options: Any) -> Iterator[LocalCluster]:
+    """A mounted cluster for the block; stopped and unmounted on the way out."""
+    with cluster_directory() as directory:
+        running = start_cluster(directory, **options)
+        try:
+            yield running
+        finally:
+            running.down()
+            assert not is_mounted(str(running.mountpoint)), "still mounted after cluster down"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    """One mounted cluster shared by the tests of a module."""
+    with running_cluster() as running:
+        yield running
+
+
+@pytest.fixture
+def workdir(cluster: LocalCluster, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory in the mount for one test."""
+    path = cluster.mountpoint / request.node.name.replace("[", "_").replace("]", "_")[:200]
+    path.mkdir()
+    return path
+
+
+def healthy(cluster: LocalCluster) -> bool:
+    health = check_health(load_config(str(cluster.config_path)))
+    return health.leader_id is not None
+
+
+def poll(condition: object, what: str, timeout_s: float = 20.0) -> None:
+    """Poll ``condition()`` every 50 ms until true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
