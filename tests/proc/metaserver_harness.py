@@ -490,13 +490,14 @@ class NamespaceWorkload:
 
     Keyed operations (``mknod``, ``unlink``, ``lookup`` of ``k0..k{keys-1}``) go into
     :attr:`history`; every ``tasks_per_client``-th operation instead creates a fresh name
-    ``u<n>`` that is never removed, and acknowledged ones go into :attr:`acked_names`.
+    ``u<seed>-<n>`` that is never removed; acknowledged ones go into :attr:`acked_names`.
     An operation that fails is recorded with an unknown outcome and its error kept in
     :attr:`errors` (a normal failover must leave it empty).
     """
 
     def __init__(self, clients: list[MetaClient], seed: int, keys: int = 6) -> None:
         self.clients = clients
+        self.seed = seed
         self.rng = random.Random(seed)
         self.keys = keys
         self.history: list[Operation] = []
@@ -550,7 +551,7 @@ class NamespaceWorkload:
         return result
 
     async def _create_unique(self, client: MetaClient) -> None:
-        name = f"u{self._next_unique}".encode()
+        name = f"u{self.seed:x}-{self._next_unique}".encode()
         self._next_unique += 1
         try:
             await client.mutate(Mknod(ROOT_INODE, name, 0o644))

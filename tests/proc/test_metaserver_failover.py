@@ -64,7 +64,9 @@ async def test_kill_9_of_the_leader_fails_over_within_5_s_losing_nothing(
         served = [t for t in workload.completed_mutations if t > killed_at[0] + 0.05]
         assert served, "no mutation completed after the kill"
         failover_s = served[0] - killed_at[0]
-        print(f"leader {old_leader} killed; {new_leader} served a mutation {failover_s:.2f} s later")
+        print(
+            f"leader {old_leader} killed; {new_leader} served a mutation {failover_s:.2f} s later"
+        )
         assert failover_s < FAILOVER_DEADLINE_S
         await group.wait_equal_digests(survivors)
 
