@@ -55,11 +55,11 @@ RETRYABLE_CODES = frozenset(
         errno.EHOSTUNREACH,
         errno.ENETUNREACH,
         errno.EPIPE,
-        errno.EAGAIN,
     }
 )
 RETRY_DELAY_S_MIN = 0.02
 RETRY_DELAY_S_MAX = 0.5
+REDIRECTS_WITHOUT_PAUSE_MAX = 3
 
 
 class MetaClient:
@@ -189,10 +189,17 @@ class MetaClient:
 
     async def call(self, method: Method[Any, Any], request: Any) -> Any:
         """Call ``method`` at the leader, retrying the identical request until it is
-        answered or no leader has answered for ``no_quorum_timeout_s``."""
+        answered or no leader has answered for ``no_quorum_timeout_s``.
+
+        Follows up to ``REDIRECTS_WITHOUT_PAUSE_MAX`` redirects at once, then backs off
+        between attempts (``RETRY_DELAY_S_MIN`` doubling to ``RETRY_DELAY_S_MAX``).
+        Raises the server's :class:`RpcError` for an answer that is not a failover
+        symptom, and ETIMEDOUT (naming the last failure) at the deadline.
+        """
         deadline = trio.current_time() + self._no_quorum_timeout_s
         delay_s = RETRY_DELAY_S_MIN
         last_error: RpcError | None = None
+        redirects = 0
         while trio.current_time() < deadline:
             address = self._leader or self._rotate()
             try:
@@ -204,20 +211,24 @@ class MetaClient:
             except RpcError as error:
                 last_error = error
                 if error.code == NOT_LEADER:
-                    self._leader = _parse_hint(error.message)
-                    if self._leader is not None and self._leader != address:
+                    hint = _parse_hint(error.message)
+                    self._leader = hint if hint != address else None
+                    if self._leader is not None and redirects < REDIRECTS_WITHOUT_PAUSE_MAX:
+                        redirects += 1
                         continue
-                    self._leader = None
-                elif error.code in RETRYABLE_CODES:
+                elif error.code == errno.EAGAIN:
+                    pass  # the leader is busy: ask it again after a pause
+                elif error.code in RETRYABLE_CODES or _closed_during_handshake(error):
                     await self._forget(address)
                     self._leader = None
                 else:
                     raise
-            await trio.sleep(delay_s)
+            redirects = 0
+            await trio.sleep(max(0.0, min(delay_s, deadline - trio.current_time())))
             delay_s = min(delay_s * 2, RETRY_DELAY_S_MAX)
         raise RpcError(
             errno.ETIMEDOUT,
-            f"no metaserver leader answered within {self._no_quorum_timeout_s:.0f} s"
+            f"no metaserver leader answered within {self._no_quorum_timeout_s:g} s"
             + (f" (last error: {last_error})" if last_error else ""),
         )
 
@@ -254,6 +265,12 @@ class MetaClient:
     async def aclose(self) -> None:
         for address in list(self._connections):
             await self._forget(address)
+
+
+def _closed_during_handshake(error: RpcError) -> bool:
+    """A dial that failed because the server went away mid-handshake (it is restarting,
+    or a proxy dropped us), not because the key is wrong: worth another try."""
+    return error.code == errno.EACCES and "closed the connection" in error.message
 
 
 def _parse_hint(text: str) -> Address | None:

@@ -33,7 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,8 +436,13 @@ async def metaserver_group(
     settings: Mapping[str, Any] | None = None,
     extra_tables: Mapping[str, Mapping[str, Any]] | None = None,
     wait_for_leader: bool = True,
+    prepare: Callable[[MetaserverGroup], Awaitable[None]] | None = None,
 ) -> AsyncIterator[MetaserverGroup]:
-    """Start ``count`` founding metaservers (and wait for a leader); stop them on exit."""
+    """Start ``count`` founding metaservers (and wait for a leader); stop them on exit.
+
+    ``prepare`` runs before the first start (per-node configs, proxies...); ``settings``
+    default to :data:`FAST_ELECTIONS`.
+    """
     group = MetaserverGroup(
         tmp_path,
         count,
@@ -445,6 +450,8 @@ async def metaserver_group(
         extra_tables=extra_tables,
     )
     try:
+        if prepare is not None:
+            await prepare(group)
         for node_id in list(group.nodes):
             group.start(node_id)
         if wait_for_leader:
