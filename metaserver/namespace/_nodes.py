@@ -24,6 +24,8 @@ from ._cookies import CookieIndex
 
 CHUNK_FIELDS = 4
 """Ints per chunk in a file's chunk array: index, chunk id, version, length."""
+MODE_BITS = stat.S_IFMT(0o177777) | 0o7777
+"""Every bit a valid ``st_mode`` may have: file type and permissions."""
 
 
 class Node:

@@ -33,13 +33,12 @@ from wire.namespace_ops import (
     XattrReply,
 )
 
-from ._nodes import CHUNK_FIELDS, DirNode, FileNode, Node, SymlinkNode
+from ._nodes import CHUNK_FIELDS, MODE_BITS, DirNode, FileNode, Node, SymlinkNode
 from ._perms import in_group, may_write, owns, privileges_to_drop
 from ._state import ID_MAX, INT64_MAX, INT64_MIN, Context, OpError, State
 
 OK = OkReply()
 SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
-MODE_BITS = stat.S_IFMT(0o177777) | 0o7777
 USER_PREFIX = b"user."
 TRUSTED_PREFIX = b"trusted."
 SECURITY_PREFIX = b"security."

@@ -38,7 +38,7 @@ from wire.namespace_ops import (
     Unlink,
 )
 
-from ._nodes import DirNode, FileNode, Node, SpecialNode, SymlinkNode
+from ._nodes import MODE_BITS, DirNode, FileNode, Node, SpecialNode, SymlinkNode
 from ._perms import in_group, sticky_forbids
 from ._state import Context, OpError, State
 
@@ -47,7 +47,6 @@ DOTS = (b".", b"..")
 SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 DEVICE_TYPES = (stat.S_IFCHR, stat.S_IFBLK)
 RDEV_MAX = (1 << 32) - 1
-MODE_BITS = stat.S_IFMT(0o177777) | 0o7777
 
 
 def check_name(name: bytes) -> None:
