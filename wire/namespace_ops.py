@@ -833,7 +833,8 @@ COMMAND_BYTES_MAX = 16 << 20
 
 def encode_command(command: Command) -> bytes:
     """Log bytes of ``command`` (tagged msgpack; deterministic for equal commands)."""
-    return msgpack.packb(schema.encode_tagged(command), use_bin_type=True)
+    packed: bytes = msgpack.packb(schema.encode_tagged(command), use_bin_type=True)
+    return packed
 
 
 def decode_command(raw: bytes) -> Command:
