@@ -1451,7 +1451,7 @@ class PaxosNode:
             return NOOP_ENTRY
         if self._membership_queued is not None:
             membership, self._membership_queued = self._membership_queued, None
-            return Entry(EntryKind.MEMBERSHIP, membership=membership)
+            return Entry.of_membership(membership)
         if self._queue:
             return self._take_batch()
         assert self._configs is not None

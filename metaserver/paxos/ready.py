@@ -27,6 +27,7 @@ from metaserver.paxos.records import Record
 from metaserver.paxos.types import (
     Ballot,
     ConfigEpoch,
+    Entry,
     EntryKind,
     Membership,
     NodeId,
@@ -53,6 +54,11 @@ class CommittedEntry:
     kind: EntryKind
     commands: tuple[bytes, ...]
     membership: Membership | None
+
+    def entry(self) -> Entry:
+        """The chosen value as it travelled in the log."""
+        config = (self.membership,) if self.membership is not None else ()
+        return Entry(self.kind, self.commands, config)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,17 +84,28 @@ class Entry:
 
     kind: EntryKind
     commands: tuple[bytes, ...] = ()
-    membership: Membership | None = None
+    config: tuple[Membership, ...] = ()
+    """Exactly one membership in a MEMBERSHIP entry, none otherwise. A tuple rather than
+    ``Membership | None`` because ``wire.schema`` decodes an optional dataclass field as
+    a tagged union unless that dataclass is a registered message."""
 
     def __post_init__(self) -> None:
         invariant(
-            (self.membership is not None) == (self.kind == EntryKind.MEMBERSHIP),
+            len(self.config) == (1 if self.kind == EntryKind.MEMBERSHIP else 0),
             "a membership is carried exactly by MEMBERSHIP entries",
         )
         invariant(
             not self.commands or self.kind == EntryKind.COMMANDS,
             "only COMMANDS entries carry commands",
         )
+
+    @staticmethod
+    def of_membership(membership: Membership) -> Entry:
+        return Entry(EntryKind.MEMBERSHIP, config=(membership,))
+
+    @property
+    def membership(self) -> Membership | None:
+        return self.config[0] if self.config else None
 
     def size_bytes(self) -> int:
         """Rough encoded size, used to bound batches and messages."""

@@ -26,7 +26,6 @@ from typing import Any
 
 from metaserver.paxos import (
     CommittedEntry,
-    Entry,
     LeaderChanged,
     Membership,
     MembershipChange,
@@ -100,6 +99,7 @@ class SimConfig:
     partition_count: int
     loss_burst_count: int
     membership_changes: int
+    forced_elections: int
     bitflip: bool
     snapshot_every_slots: int
     drift_ppm_max: int
@@ -142,6 +142,7 @@ class SimConfig:
             partition_count=rng.randrange(0, 4),
             loss_burst_count=rng.randrange(0, 2),
             membership_changes=rng.choice((0, 0, 1, 2)),
+            forced_elections=rng.choice((0, 1, 2)),
             bitflip=rng.random() < 0.15,
             snapshot_every_slots=rng.choice((8, 20, 60)),
             drift_ppm_max=drift_ppm_max,
@@ -424,7 +425,7 @@ class Simulation:
 
     def _apply(self, host: Host, entry: CommittedEntry) -> None:
         commands = host.kv.apply(entry)
-        value = Entry(entry.kind, entry.commands, entry.membership)
+        value = entry.entry()
         self.checker.on_apply(host.node_id, entry.slot, value, host.kv.digest)
         for command in commands:
             key = (command.client, command.op_id)
@@ -629,6 +630,8 @@ class Simulation:
             self.at(self.rng_fault.randrange(0, fault_us), self._fault_partition)
         for _ in range(self.config.loss_burst_count):
             self.at(self.rng_fault.randrange(0, fault_us), self._fault_loss_burst)
+        for _ in range(self.config.forced_elections):
+            self.at(self.rng_fault.randrange(0, fault_us), self._fault_forced_election)
         for _ in range(self.config.membership_changes):
             self.at(self.rng_fault.randrange(fault_us // 4, fault_us), self._operator_change)
         self.at(fault_us, self._heal_everything)
@@ -671,6 +674,21 @@ class Simulation:
                 self.blocked.discard(pair)
 
         self.at(duration, heal)
+
+    def _fault_forced_election(self) -> None:
+        """An operator moves leadership: a follower campaigns at once, preempting the
+        leader (as ``paxfs admin`` would for maintenance)."""
+        candidates = [
+            h
+            for h in self._live_members()
+            if h.alive and h.node is not None and h.node.role != Role.LEADER
+        ]
+        if candidates:
+            host = self.rng_fault.choice(candidates)
+            assert host.node is not None
+            if host.node.campaign(host.local_ms(self.now_us)):
+                self.count("forced_elections")
+                self._pump(host)
 
     def _fault_loss_burst(self) -> None:
         before = self.drop_rate

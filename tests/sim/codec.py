@@ -11,15 +11,11 @@ from typing import Any
 
 import msgpack
 
-from metaserver.paxos import ALL_MESSAGE_TYPES, ALL_RECORD_TYPES, Membership, Message, Record
+from metaserver.paxos import ALL_MESSAGE_TYPES, ALL_RECORD_TYPES, Message, Record
 from wire import schema
 
-# ``wire.schema`` decodes ``X | None`` as a tagged union whenever X is a dataclass, but
-# encodes an unregistered nested dataclass positionally; ``Entry.membership`` is such a
-# field. Registering ``Membership`` makes both sides tag it.
-_NESTED_TAGGED: tuple[type, ...] = (Membership,)
-
-for _cls in ALL_MESSAGE_TYPES + ALL_RECORD_TYPES + _NESTED_TAGGED:
+# Exactly what the metaserver registers (metaserver/codec.py), under the same names.
+for _cls in ALL_MESSAGE_TYPES + ALL_RECORD_TYPES:
     schema.register_message(f"paxos.{_cls.__name__}", _cls)
 
 

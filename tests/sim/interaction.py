@@ -382,7 +382,7 @@ class InteractionEnv:
         for entry in ready.committed:
             owner.applied_index = entry.slot
             owner.applied.extend(c.decode() for c in entry.commands)
-            value = Entry(entry.kind, entry.commands, entry.membership)
+            value = entry.entry()
             digest = msgpack.packb(owner.applied)
             self.checker.on_apply(node_id, entry.slot, value, digest)
         for read in ready.snapshot_reads:
@@ -411,7 +411,7 @@ class InteractionEnv:
         if ready.committed:
             self.emit("  Committed:")
             for entry in ready.committed:
-                value = Entry(entry.kind, entry.commands, entry.membership)
+                value = entry.entry()
                 self.emit(f"    {entry.slot}: {fmt_entry(value)}")
         if ready.reads:
             self.emit("  Reads: " + " ".join(f"r{r.read_id}@{r.index}" for r in ready.reads))
