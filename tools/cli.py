@@ -138,7 +138,7 @@ def _run_metaserver(_args: argparse.Namespace, config: Config) -> int:
 
     configure_logging(f"metaserver-{config.metaserver.id}")
     try:
-        run(config, _cluster_manager_services())
+        run(config, _cluster_manager_services(config))
     except StartupRefused as error:
         raise CommandFailed(str(error)) from None
     return 0
@@ -150,9 +150,11 @@ def _run_dataserver(_args: argparse.Namespace, config: Config) -> int:
     return run(config)
 
 
-def _cluster_manager_services():  # type: ignore[no-untyped-def]
-    """The cluster manager's handlers and tasks, once its room has landed."""
-    return None
+def _cluster_manager_services(config: Config) -> Callable[..., None]:
+    """The cluster manager's handlers and tasks (leader only) for the metaserver."""
+    from metaserver.cluster_manager import cluster_manager_services
+
+    return cluster_manager_services(config)
 
 
 def _mount_arguments(parser: argparse.ArgumentParser) -> None:
