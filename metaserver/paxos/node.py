@@ -772,7 +772,7 @@ class PaxosNode:
                 vote = self._log.get(slot)
                 if vote is None:
                     ack(slot)
-                elif vote.entry == entry:
+                elif vote.entry == entry and ballot >= vote.ballot:
                     store = ballot > vote.ballot
                     ack(slot)
             if store:
@@ -987,7 +987,8 @@ class PaxosNode:
             peer.last_contact_ms = self._now_ms
             peer.commit_index = max(peer.commit_index, message.commit_index)
             peer.acked_slot = max(peer.acked_slot, message.last_slot)
-        for slot in range(max(message.first_slot, self._commit + 1), message.last_slot + 1):
+        last = min(message.last_slot, ls.next_slot - 1)
+        for slot in range(max(message.first_slot, self._commit + 1), last + 1):
             inflight = ls.inflight.get(slot)
             if inflight is None or sender in inflight.acked:
                 continue
@@ -1111,13 +1112,13 @@ class PaxosNode:
             or message.offset != transfer.received_bytes
         ):
             return
+        if transfer.received_bytes + len(message.data) > transfer.size_bytes:
+            self._transfer = None  # longer than announced: a broken source, start over
+            return
         transfer.parts.append(message.data)
         transfer.received_bytes += len(message.data)
         transfer.progress_ms = transfer.requested_ms = self._now_ms
-        if transfer.received_bytes >= transfer.size_bytes:
-            invariant(
-                transfer.received_bytes == transfer.size_bytes, "snapshot longer than announced"
-            )
+        if transfer.received_bytes == transfer.size_bytes:
             self._install_transfer()
         else:
             self._send(
