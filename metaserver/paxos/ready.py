@@ -15,6 +15,16 @@ proposals, the owner takes ``node.ready()`` and, in this order,
 
 Steps may keep arriving between ``ready()`` and ``advance()``; their effects go into
 the next Ready.
+
+Two relaxations are safe and worth having (the metaserver uses both):
+
+* A Ready whose only records are ``CommitRecord`` need not hold back its messages: a
+  commit index is a hint that shortens recovery, never something a peer relies on.
+* The leader's ``Accept``, ``Commit`` and ``Heartbeat`` messages may leave before the
+  fsync of their Ready: they reveal no acceptor state, and their ballot was made
+  durable in an earlier Ready (the one that sent the Prepares). The leader still
+  counts its own vote only in ``advance()``, so nothing is committed on the strength
+  of a record that is not yet on disk.
 """
 
 from __future__ import annotations
