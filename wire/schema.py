@@ -29,12 +29,21 @@ T = TypeVar("T")
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 
-Decoder = Callable[[Any, str], Any]
+Decoder = Callable[[Any], Any]
 Encoder = Callable[[Any], Any]
 
 
 class SchemaError(ValueError):
-    """Raw input does not match the declared schema."""
+    """Raw input does not match the declared schema.
+
+    ``path`` locates the offending value inside the message (``.attr.mode``),
+    ``reason`` says what is wrong with it.
+    """
+
+    def __init__(self, reason: str, path: str = "") -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.reason = reason
+        self.path = path
 
 
 _registry: dict[str, type] = {}
@@ -83,10 +92,20 @@ def encode_tagged(value: Any) -> list[Any]:
 
 
 def decode(annotation: Any, raw: Any, where: str = "message") -> Any:
-    """Validate ``raw`` (as made by :func:`encode`) against ``annotation``."""
-    if dataclasses.is_dataclass(annotation):
-        return _dataclass_decoder_cached(annotation)(raw, where)
-    return _decoder_for(annotation)(raw, where)
+    """Validate ``raw`` (as made by :func:`encode`) against ``annotation``.
+
+    A mismatch raises :class:`SchemaError` whose message names the path of
+    the offending value under ``where`` (``message.attr.mode: expected int``).
+    """
+    decoder = (
+        _dataclass_decoder_cached(annotation)
+        if dataclasses.is_dataclass(annotation)
+        else _decoder_for(annotation)
+    )
+    try:
+        return decoder(raw)
+    except SchemaError as error:
+        raise _final(error, where) from None
 
 
 def decode_tagged(raw: Any, allowed: tuple[type, ...] | None = None) -> Any:
@@ -99,7 +118,15 @@ def decode_tagged(raw: Any, allowed: tuple[type, ...] | None = None) -> Any:
     cls = _registry.get(raw[0])
     if cls is None or (allowed is not None and cls not in allowed):
         raise SchemaError(f"unknown message type {raw[0][:64]!r}")
-    return _dataclass_decoder_cached(cls)(raw[1], raw[0])
+    try:
+        return _dataclass_decoder_cached(cls)(raw[1])
+    except SchemaError as error:
+        raise _final(error, raw[0]) from None
+
+
+def _final(error: SchemaError, where: str) -> SchemaError:
+    """The error a caller sees: ``where`` plus the path, then the reason."""
+    return SchemaError(f"{where}{error.path}: {error.reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +193,11 @@ def _encode_any(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- decoders
+#
+# A decoder takes the raw value and returns the typed one.  Nothing is spent
+# on error context while input is valid: a failing decoder raises a
+# SchemaError, and each enclosing container prepends its field name to the
+# error's path on the way out.
 
 
 def _decoder_for(annotation: Any) -> Decoder:
@@ -176,8 +208,13 @@ def _decoder_for(annotation: Any) -> Decoder:
     return decoder
 
 
-def _fail(where: str, expected: str, raw: Any) -> typing.NoReturn:
-    raise SchemaError(f"{where}: expected {expected}, got {type(raw).__name__}")
+def _fail(expected: str, raw: Any) -> typing.NoReturn:
+    raise SchemaError(f"expected {expected}, got {type(raw).__name__}")
+
+
+def _located(error: SchemaError, step: str) -> SchemaError:
+    """``error`` with ``step`` prepended to the path of the value that failed."""
+    return SchemaError(error.reason, step + error.path)
 
 
 def _build_decoder(annotation: Any) -> Decoder:
@@ -217,49 +254,58 @@ def _build_decoder(annotation: Any) -> Decoder:
     raise TypeError(f"unsupported schema annotation {annotation!r}")
 
 
-def _decode_none(raw: Any, where: str) -> None:
+def _decode_none(raw: Any) -> None:
     if raw is not None:
-        _fail(where, "nil", raw)
+        _fail("nil", raw)
 
 
-def _decode_bool(raw: Any, where: str) -> bool:
+def _decode_bool(raw: Any) -> bool:
     if type(raw) is not bool:
-        _fail(where, "bool", raw)
+        _fail("bool", raw)
     return raw
 
 
-def _decode_int(raw: Any, where: str) -> int:
+def _decode_int(raw: Any) -> int:
     if type(raw) is not int:
-        _fail(where, "int", raw)
+        _fail("int", raw)
     return raw
 
 
-def _decode_float(raw: Any, where: str) -> float:
+def _decode_float(raw: Any) -> float:
     if type(raw) is float:
         return raw
     if type(raw) is int:
         return float(raw)
-    _fail(where, "float", raw)
+    _fail("float", raw)
 
 
-def _decode_str(raw: Any, where: str) -> str:
+def _decode_str(raw: Any) -> str:
     if type(raw) is not str:
-        _fail(where, "str", raw)
+        _fail("str", raw)
     return raw
 
 
-def _decode_bytes(raw: Any, where: str) -> bytes:
+def _decode_bytes(raw: Any) -> bytes:
     if type(raw) is not bytes:
-        _fail(where, "bytes", raw)
+        _fail("bytes", raw)
     return raw
+
+
+# Scalar fields are checked inline in a dataclass decoder (no call per field).
+_INLINE_TYPES: dict[Decoder, type] = {
+    _decode_int: int,
+    _decode_bytes: bytes,
+    _decode_str: str,
+    _decode_bool: bool,
+}
 
 
 def _enum_decoder(enum_type: type[enum.Enum]) -> Decoder:
-    def decode_enum(raw: Any, where: str) -> enum.Enum:
+    def decode_enum(raw: Any) -> enum.Enum:
         try:
             return enum_type(raw)
         except (ValueError, TypeError):
-            raise SchemaError(f"{where}: {raw!r} is not a valid {enum_type.__name__}") from None
+            raise SchemaError(f"{raw!r} is not a valid {enum_type.__name__}") from None
 
     return decode_enum
 
@@ -269,36 +315,47 @@ def _dataclass_decoder(cls: type) -> Decoder:
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = tuple(f.name for f in fields)
     count = len(fields)
-    # Decoders of the fields are resolved lazily: a message may refer to itself.
-    field_decoders: list[Decoder] = []
+    # Field decoders are resolved on first use: a message may refer to itself.
+    plan: list[tuple[type | None, Decoder]] = []
 
-    def decode_dataclass(raw: Any, where: str) -> Any:
-        if not field_decoders:
-            field_decoders.extend(_decoder_for(hints[name]) for name in names)
+    def decode_dataclass(raw: Any) -> Any:
+        if not plan:
+            for name in names:
+                decoder = _decoder_for(hints[name])
+                plan.append((_INLINE_TYPES.get(decoder), decoder))
         if type(raw) is not list and type(raw) is not tuple:
-            _fail(where, f"{cls.__name__} fields", raw)
+            _fail(f"{cls.__name__} fields", raw)
         if len(raw) != count:
-            raise SchemaError(f"{where}: {cls.__name__} has {count} fields, got {len(raw)}")
-        values = [
-            decoder(item, f"{where}.{name}")
-            for decoder, item, name in zip(field_decoders, raw, names, strict=True)
-        ]
+            raise SchemaError(f"{cls.__name__} has {count} fields, got {len(raw)}")
+        values = []
+        for index, item in enumerate(raw):
+            exact, decoder = plan[index]
+            if exact is not None and type(item) is exact:
+                values.append(item)
+                continue
+            try:
+                values.append(decoder(item))
+            except SchemaError as error:
+                raise _located(error, "." + names[index]) from None
         try:
             return cls(*values)
         except (ValueError, TypeError) as error:
-            raise SchemaError(f"{where}: {error}") from None
+            raise SchemaError(str(error)) from None
 
     return decode_dataclass
 
 
 def _tagged_decoder(allowed: tuple[type, ...]) -> Decoder:
-    def decode_one_of(raw: Any, where: str) -> Any:
+    def decode_one_of(raw: Any) -> Any:
         if type(raw) is not list or len(raw) != 2 or type(raw[0]) is not str:
-            _fail(where, "[name, fields]", raw)
+            _fail("[name, fields]", raw)
         cls = _registry.get(raw[0])
         if cls is None or cls not in allowed:
-            raise SchemaError(f"{where}: unexpected message type {raw[0][:64]!r}")
-        return _dataclass_decoder_cached(cls)(raw[1], f"{where}<{raw[0]}>")
+            raise SchemaError(f"unexpected message type {raw[0][:64]!r}")
+        try:
+            return _dataclass_decoder_cached(cls)(raw[1])
+        except SchemaError as error:
+            raise _located(error, f"<{raw[0]}>") from None
 
     return decode_one_of
 
@@ -328,38 +385,60 @@ def _union_decoder(args: tuple[Any, ...]) -> Decoder:
     if not allows_none:
         return inner
 
-    def decode_optional(raw: Any, where: str) -> Any:
+    def decode_optional(raw: Any) -> Any:
         if raw is None:
             return None
-        return inner(raw, where)
+        return inner(raw)
 
     return decode_optional
 
 
 def _sequence_decoder(item: Decoder, container: type) -> Decoder:
-    def decode_sequence(raw: Any, where: str) -> Any:
+    exact = _INLINE_TYPES.get(item)
+
+    def decode_sequence(raw: Any) -> Any:
         if type(raw) is not list and type(raw) is not tuple:
-            _fail(where, "array", raw)
-        return container([item(value, where) for value in raw])
+            _fail("array", raw)
+        if exact is not None and all(type(value) is exact for value in raw):
+            return container(raw)
+        values = []
+        for index, value in enumerate(raw):
+            try:
+                values.append(item(value))
+            except SchemaError as error:
+                raise _located(error, f"[{index}]") from None
+        return container(values)
 
     return decode_sequence
 
 
 def _fixed_tuple_decoder(items: tuple[Decoder, ...]) -> Decoder:
-    def decode_fixed(raw: Any, where: str) -> tuple[Any, ...]:
+    def decode_fixed(raw: Any) -> tuple[Any, ...]:
         if type(raw) is not list and type(raw) is not tuple:
-            _fail(where, "array", raw)
+            _fail("array", raw)
         if len(raw) != len(items):
-            raise SchemaError(f"{where}: expected {len(items)} items, got {len(raw)}")
-        return tuple(d(v, where) for d, v in zip(items, raw, strict=True))
+            raise SchemaError(f"expected {len(items)} items, got {len(raw)}")
+        values = []
+        for index, (decoder, value) in enumerate(zip(items, raw, strict=True)):
+            try:
+                values.append(decoder(value))
+            except SchemaError as error:
+                raise _located(error, f"[{index}]") from None
+        return tuple(values)
 
     return decode_fixed
 
 
 def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
-    def decode_dict(raw: Any, where: str) -> dict[Any, Any]:
+    def decode_dict(raw: Any) -> dict[Any, Any]:
         if type(raw) is not dict:
-            _fail(where, "map", raw)
-        return {key(k, where): value(v, where) for k, v in raw.items()}
+            _fail("map", raw)
+        decoded = {}
+        for k, v in raw.items():
+            try:
+                decoded[key(k)] = value(v)
+            except SchemaError as error:
+                raise _located(error, f"[{str(k)[:32]!r}]") from None
+        return decoded
 
     return decode_dict

@@ -69,7 +69,7 @@ def test_a_sample_round_trips_and_keeps_its_types() -> None:
         ([True, b"n", 1.0, [], None], "inode: expected int"),
         ([5, "n", 1.0, [], None], "name: expected bytes"),
         ([5, b"n", "1.0", [], None], "size: expected float"),
-        ([5, b"n", 1.0, [1], None], "tags: expected str"),
+        ([5, b"n", 1.0, [1], None], r"tags\[0\]: expected str"),
         ([5, b"n", 1.0, "ab", None], "tags: expected array"),
         ({"inode": 5}, "expected Sample fields"),
     ],
