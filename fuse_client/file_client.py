@@ -374,17 +374,20 @@ class FileClient:
         return replace(attr, size=state.size, mtime_ns=mtime_ns)
 
     async def setattr(self, op: SetAttr, credentials: Credentials) -> Attr:
-        """Change attributes; a size change first publishes buffered writes, then
-        truncates through the namespace (which cuts or drops the chunks)."""
+        """Change attributes.  Buffered writes of the file are published first, so that
+        their commit can neither undo an explicit mtime (``cp -a``, ``tar x``) nor land
+        past a truncation; a size change then truncates through the namespace (which
+        cuts or drops the chunks)."""
         state = self._files.get(op.inode)
-        if op.size is None or state is None:
+        if state is None:
             reply: AttrReply = await self.meta.mutate(op, credentials)
             return self.local_view(reply.attr)
         async with state.lock:
             await self._publish_locked(state, credentials)
             reply = await self.meta.mutate(op, credentials)
-            state.size = reply.attr.size
-            state.forget_locations()
+            if op.size is not None:
+                state.size = reply.attr.size
+                state.forget_locations()
             return reply.attr
 
     def size_of(self, inode: InodeId) -> int | None:

@@ -78,6 +78,7 @@ GROUPS_CACHE_TTL_S = 2.0
 READDIR_FETCH_ENTRIES = 256
 """Entries fetched per namespace ReadDir; a kernel readdir buffer holds a few dozen."""
 invariant(READDIR_FETCH_ENTRIES <= READDIR_PAGE_MAX, "readdir fetch above the page limit")
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
 DOT_COOKIE = 1
 DOTDOT_COOKIE = 2
 invariant(DOTDOT_COOKIE < READDIR_FIRST_COOKIE, "dot cookies collide with entry cookies")
@@ -551,6 +552,7 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> None:
         """ERANGE, EOPNOTSUPP (unknown namespace), E2BIG, EPERM, ENOSPC (pyfuse3 checks
         XATTR_CREATE / XATTR_REPLACE through getxattr first)."""
+        _refuse_acl(name)
         await self.client.meta.mutate(
             SetXattr(InodeId(inode), name, value, 0), self._credentials(ctx)
         )
@@ -558,6 +560,7 @@ class PaxfsOperations(pyfuse3.Operations):
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         """ENODATA when absent."""
+        _refuse_acl(name)
         reply = await self.client.meta.query(GetXattr(InodeId(inode), name), self._credentials(ctx))
         value: bytes = reply.value
         return value
@@ -570,6 +573,7 @@ class PaxfsOperations(pyfuse3.Operations):
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENODATA when absent."""
+        _refuse_acl(name)
         await self.client.meta.mutate(RemoveXattr(InodeId(inode), name), self._credentials(ctx))
 
     @_handler
@@ -594,6 +598,14 @@ class PaxfsOperations(pyfuse3.Operations):
     @property
     def open_handles(self) -> int:
         return len(self._files) + len(self._dirs)
+
+
+def _refuse_acl(name: bytes) -> None:
+    """POSIX ACLs are not supported: without FUSE_CAP_POSIX_ACL the kernel hands their
+    xattrs to us, and storing them would make ``cp -a`` and ``setfacl`` believe the mode
+    was set through an ACL.  EOPNOTSUPP makes them fall back to chmod."""
+    if name in ACL_XATTRS:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
 
 def may_access(attr: Attr, credentials: Credentials, mode: int) -> bool:
