@@ -31,7 +31,7 @@ import enum
 import errno
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -321,7 +321,9 @@ class ClusterState:
         self._copy_failures: dict[tuple[ChunkId, DataserverId], float] = {}
         self._deleting: dict[tuple[ChunkId, DataserverId], ChunkVersion] = {}
         self._deletion_first_seen_s: dict[tuple[ChunkId, ChunkVersion], float] = {}
-        self.health: dict[ChunkId, ChunkHealth] = {}
+        self._health: dict[ChunkId, ChunkHealth] = {}
+        self._health_counts: Counter[ChunkHealth] = Counter()
+        self._corrupt_replicas = 0
         self._under: dict[ChunkId, int] = {}
         self._under_heap: list[tuple[int, ChunkId]] = []
         self._unschedulable: dict[ChunkId, int] = {}
@@ -466,6 +468,7 @@ class ClusterState:
             if not [ds for ds in self._good_readable(chunk, version) if ds != dataserver]:
                 return False
         self.replicas[chunk][dataserver] = replace(stored, corrupt=True)
+        self._corrupt_replicas += 1
         self._dirty[chunk] = None
         return True
 
@@ -773,7 +776,7 @@ class ClusterState:
 
     def _reconcile(self, chunk: ChunkId, now_s: float) -> None:
         """Classify one chunk and queue the deletes and copies it needs (module rules)."""
-        self.health.pop(chunk, None)
+        self._set_health(chunk, None)
         self._under.pop(chunk, None)
         self._unschedulable.pop(chunk, None)
         if chunk in self.grants:
@@ -788,7 +791,7 @@ class ClusterState:
             self._end_copy(job, failed=False, now_s=now_s)
         readable = self._good_readable(chunk, effective)
         if not readable:
-            self.health[chunk] = ChunkHealth.MISSING
+            self._set_health(chunk, ChunkHealth.MISSING)
             return
         counted = [
             ds
@@ -809,7 +812,7 @@ class ClusterState:
         if len(counted) + copying < ref.goal:
             self._under[chunk] = len(counted)
             heapq.heappush(self._under_heap, (len(counted), chunk))
-            self.health[chunk] = ChunkHealth.UNDER_REPLICATED
+            self._set_health(chunk, ChunkHealth.UNDER_REPLICATED)
             return
         if len(counted) >= ref.goal:
             for ds in corrupt:
@@ -820,7 +823,7 @@ class ClusterState:
             trimmable.sort(key=lambda ds: (self.servers[ds].space.available_bytes, ds))
             for ds in trimmable[:excess]:
                 self._delete(ds, chunk, effective)
-            self.health[chunk] = ChunkHealth.OVER_REPLICATED
+            self._set_health(chunk, ChunkHealth.OVER_REPLICATED)
 
     def _reconcile_unreferenced(self, chunk: ChunkId, holders: dict[DataserverId, Replica]) -> None:
         """Replicas of a chunk no file references are garbage, once a scan that started
@@ -832,7 +835,7 @@ class ClusterState:
             return
         if first_seen_s >= self.scan_started_s:
             return
-        self.health[chunk] = ChunkHealth.ORPHAN
+        self._set_health(chunk, ChunkHealth.ORPHAN)
         for ds, stored in holders.items():
             if self.state_of(ds) is not ServerState.DEAD:
                 self._delete(ds, chunk, stored.version)
@@ -876,7 +879,7 @@ class ClusterState:
             replaceable = [
                 ds
                 for ds, stored in holders.items()
-                if (stored.corrupt or stored.version < effective)
+                if (stored.version < effective or (stored.version == effective and stored.corrupt))
                 and ds not in busy
                 and self.state_of(ds) is ServerState.LIVE
                 and self.servers[ds].copies_in < COPIES_PER_TARGET_MAX
@@ -985,6 +988,8 @@ class ClusterState:
         self, chunk: ChunkId, ds: DataserverId, replica: Replica, now_s: float
     ) -> None:
         holders = self.replicas.setdefault(chunk, {})
+        previous = holders.get(ds)
+        self._corrupt_replicas += replica.corrupt - (previous is not None and previous.corrupt)
         holders[ds] = replica
         self._first_seen_s.setdefault(chunk, now_s)
         self.servers[ds].chunks.add(chunk)
@@ -999,9 +1004,12 @@ class ClusterState:
 
     def _drop_replica(self, chunk: ChunkId, ds: DataserverId) -> None:
         holders = self.replicas.get(chunk)
-        if holders is not None and holders.pop(ds, None) is not None and not holders:
-            del self.replicas[chunk]
-            self._first_seen_s.pop(chunk, None)
+        dropped = None if holders is None else holders.pop(ds, None)
+        if dropped is not None:
+            self._corrupt_replicas -= dropped.corrupt
+            if not holders:
+                del self.replicas[chunk]
+                self._first_seen_s.pop(chunk, None)
         self.servers[ds].chunks.discard(chunk)
         self._dirty[chunk] = None
 
@@ -1097,6 +1105,18 @@ class ClusterState:
         record.address = address
         self._by_address[address] = record.dataserver_id
 
+    def _set_health(self, chunk: ChunkId, health: ChunkHealth | None) -> None:
+        previous = self._health.pop(chunk, None)
+        if previous is not None:
+            self._health_counts[previous] -= 1
+        if health is not None:
+            self._health[chunk] = health
+            self._health_counts[health] += 1
+
+    def health(self, chunk: ChunkId) -> ChunkHealth | None:
+        """How the last look at ``chunk`` classified it (None: healthy or unknown)."""
+        return self._health.get(chunk)
+
     def _dirty_all(self, chunks: Iterable[ChunkId]) -> None:
         for chunk in chunks:
             self._dirty[chunk] = None
@@ -1104,12 +1124,8 @@ class ClusterState:
     # ------------------------------------------------------------------ reporting
 
     def counters(self, now_s: float) -> ClusterCounters:
-        """Counts for the admin report (O(replicas) for the corrupt count)."""
+        """Counts for the admin report (O(dataservers + copies in flight))."""
         states = [record.state for record in self.servers.values()]
-        health = list(self.health.values())
-        corrupt = sum(
-            1 for holders in self.replicas.values() for stored in holders.values() if stored.corrupt
-        )
         return ClusterCounters(
             epoch=self.epoch,
             safe_mode=self.safe_mode(now_s),
@@ -1119,11 +1135,11 @@ class ClusterState:
             dataservers_maintenance=states.count(ServerState.MAINTENANCE),
             chunks_referenced=len(self.refs),
             chunks_with_replicas=len(self.replicas),
-            under_replicated=health.count(ChunkHealth.UNDER_REPLICATED),
-            over_replicated=health.count(ChunkHealth.OVER_REPLICATED),
-            missing=health.count(ChunkHealth.MISSING),
-            orphans=health.count(ChunkHealth.ORPHAN),
-            corrupt_replicas=corrupt,
+            under_replicated=self._health_counts[ChunkHealth.UNDER_REPLICATED],
+            over_replicated=self._health_counts[ChunkHealth.OVER_REPLICATED],
+            missing=self._health_counts[ChunkHealth.MISSING],
+            orphans=self._health_counts[ChunkHealth.ORPHAN],
+            corrupt_replicas=self._corrupt_replicas,
             replication_queue=len(self._under) + len(self._unschedulable),
             copies_in_flight=sum(len(jobs) for jobs in self.copies.values()),
             copies_done=self.copies_done,
