@@ -78,6 +78,7 @@ from metaserver.paxos import (
     Role,
     Slot,
     SnapshotMeta,
+    SteppedDown,
 )
 from metaserver.paxos.messages import Accept, Commit, Heartbeat
 from metaserver.paxos.records import AcceptedRecord, CommitRecord, PromiseRecord
@@ -615,6 +616,8 @@ class Replica:
                 waiter = self._reads.get(read_id)
                 if waiter is not None:
                     waiter.fail(self.not_leader())
+        elif isinstance(notice, SteppedDown):
+            log.info("stepped down from ballot %s: %s", notice.ballot, notice.reason.name)
         elif isinstance(notice, MembershipCommitted):
             log.info(
                 "membership %s chosen at slot %d, in force from slot %d",
