@@ -329,8 +329,10 @@ async def running_cluster(
     dead_after_s: float = DEAD_AFTER_S,
     chunk_size_bytes: int = CHUNK_BYTES,
     replication_rate_mib_s: float = 200.0,
+    show_logs: bool = True,
 ) -> AsyncIterator[Cluster]:
-    """Start 3 metaservers and ``dataservers`` dataservers; stop every one on exit."""
+    """Start 3 metaservers and ``dataservers`` dataservers; stop every one on exit
+    (printing the tails of their logs unless ``show_logs`` is False)."""
     settings = {
         **FAST_ELECTIONS,
         "dataserver_dead_after_s": dead_after_s,
@@ -384,7 +386,8 @@ async def running_cluster(
         yield cluster
     finally:
         statuses = group.stop_all()
-        group.print_logs()
+        if show_logs:
+            group.print_logs()
         tracebacks = [
             node.process.name
             for node in group.nodes.values()
