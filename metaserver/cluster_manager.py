@@ -481,9 +481,14 @@ class ClusterManager:
         reply = reply_or_raise(self._replica.namespace.query(op, request.call.credentials))
         invariant(isinstance(reply, ChunkListReply), f"GetChunks answered {type(reply).__name__}")
         state = self._current()
+        young = state.safe_mode(trio.current_time())
         located = []
         for info in reply.chunks:
             version, holders = state.locate(info.chunk, info.version)
+            if not holders and young:
+                raise RpcError(
+                    errno.EAGAIN, "a new metaserver leader is collecting chunk reports; retry"
+                )
             located.append(
                 LocatedChunk(
                     info.index,

@@ -518,8 +518,9 @@ class ClusterState:
         A new chunk (version 1) goes to ``goal`` servers chosen by placement.  An
         existing chunk is written on the live holders of the version it derives from
         (minus ``exclude``), topped up by copies of that version to new servers when
-        there are too few.  Raises :class:`RequestRefused` (EIO) when the chunk has data
-        but no live replica to derive from.
+        there are too few.  Raises :class:`RequestRefused`: EIO when the chunk has data
+        but no live replica to derive from; EAGAIN instead (retry) when no dataserver
+        or no holder is known yet because the reign is in safe mode, reports arriving.
         """
         invariant(version >= 1 and goal >= 1, f"bad grant v{version} goal {goal}")
         excluded = set(exclude)
@@ -573,6 +574,8 @@ class ClusterState:
                     (target, sources[position % len(sources)])
                     for position, target in enumerate(targets)
                 )
+            elif self.safe_mode(now_s):
+                raise RequestRefused(errno.EAGAIN, _COLLECTING_REPORTS)
             elif length_bytes == 0:
                 # Nothing was ever committed: start afresh on servers holding no copy.
                 base = None
@@ -584,6 +587,8 @@ class ClusterState:
                 )
         else:
             chain = tuple(self._choose(goal, self.options.chunk_size_bytes, excluded | holding))
+        if not chain and self.safe_mode(now_s):
+            raise RequestRefused(errno.EAGAIN, _COLLECTING_REPORTS)
         self.grants[chunk] = WriteGrant(version, base, chain, ref, now_s)
         for ds in chain:
             record = self.servers[ds]
@@ -1168,6 +1173,9 @@ class ClusterState:
             )
             for record in sorted(self.servers.values(), key=lambda r: r.dataserver_id)
         ]
+
+
+_COLLECTING_REPORTS = "a new metaserver leader is collecting chunk reports; retry"
 
 
 def _replica_of(report: ReplicaReport) -> Replica:

@@ -155,3 +155,29 @@ async def test_a_stale_replica_on_a_restarted_dataserver_is_deleted(tmp_path: Pa
         expected = new + old[len(new) :]
         await wait_fully_replicated(cluster, client, inode, 10.0)
         await assert_fully_replicated(cluster, client, inode, expected)
+
+
+async def test_healing_goes_on_when_the_leader_dies_with_the_dataserver(tmp_path: Path) -> None:
+    rng = seeded_rng()
+    data = rng.randbytes(4 * CHUNK_BYTES + 5)
+    async with running_cluster(tmp_path) as cluster, cluster.client() as client:
+        inode = await client.write_file(b"f", data)
+        located = await client.locate(inode)
+        victim = cluster.by_address(located.chunks[0].replicas[0])
+        leader = await cluster.leader()
+        victim.process.kill(signal.SIGKILL)
+        cluster.group.kill(leader)
+        await cluster.group.wait_for_leader(among=[i for i in cluster.group.nodes if i != leader])
+
+        async def healed_elsewhere() -> bool:
+            located = await client.locate(inode)
+            return all(
+                len(set(chunk.replicas)) == 3 and victim.address not in chunk.replicas
+                for chunk in located.chunks
+            )
+
+        await wait_for(
+            healed_elsewhere, "healing under the new leader", DEAD_AFTER_S + HEAL_BOUND_S
+        )
+        await wait_fully_replicated(cluster, client, inode, 5.0)
+        await assert_fully_replicated(cluster, client, inode, data)

@@ -482,6 +482,60 @@ def test_a_corrupt_copy_is_replaced_in_place_when_no_other_server_is_free() -> N
     assert not script.stored[A][X].corrupt
 
 
+def test_a_decommissioning_server_is_copied_off_but_keeps_its_replicas() -> None:
+    script = Script([A, B, C, D])
+    for ds in (A, B, C):
+        script.store(ds, X, V1)
+        script.full_report(ds)
+    script.leave_safe_mode({X: (V1, MIB, 3)})
+    script.state.set_admin_state(A, ServerState.DECOMMISSIONING)
+    script.round([A, B, C, D])
+    script.round([A, B, C, D])
+    assert set(script.holders(X)) == {A, B, C, D}
+    assert A in script.state.locate(X, V1)[1]  # still read from
+    plan = script.state.grant_write(Y, V1, 0, 4, [], script.now)
+    assert A not in plan.chain
+    script.state.set_admin_state(A, None)
+    script.round([A, B, C, D])
+    assert len(script.holders(X)) == 3
+
+
+def test_a_server_in_maintenance_counts_toward_goals_while_silent_but_is_not_read() -> None:
+    script = Script([A, B, C, D])
+    for ds in (A, B, C):
+        script.store(ds, X, V1)
+        script.full_report(ds)
+    script.leave_safe_mode({X: (V1, MIB, 3)})
+    script.state.set_admin_state(A, ServerState.MAINTENANCE)
+    script.advance(DEAD_AFTER_S + 1)
+    for ds in (B, C, D):
+        script.heartbeat(ds)
+    script.state.check_liveness(script.now)
+    script.round([B, C, D])
+    assert set(script.holders(X)) == {A, B, C}
+    assert set(script.state.locate(X, V1)[1]) == {B, C}
+    assert script.state.counters(script.now).dataservers_maintenance == 1
+
+
+def test_the_command_queue_of_a_server_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_state, "SERVER_COMMANDS_MAX", 5)
+    script = Script([A])
+    for i in range(8):
+        script.store(A, ChunkId(0x1000 + i), V1)
+    script.full_report(A)
+    script.advance(GRACE_S)
+    script.scan({})
+    script.advance(1)
+    script.scan({})
+    script.plan()
+    assert len(script.state.servers[A].commands) == 5
+    assert len(script.carry_out(A)) == 5
+    script.scan({})
+    script.plan()
+    assert len(script.carry_out(A)) == 3
+    assert script.stored[A] == {}
+
+
 # ---------------------------------------------------------------- garbage
 
 
@@ -592,11 +646,24 @@ def test_an_existing_chunk_is_written_on_its_holders_topped_up_by_copies() -> No
 
 def test_no_live_replica_to_derive_from_is_an_error_unless_the_chunk_is_empty() -> None:
     script = Script([A, B, C])
+    script.leave_safe_mode({})
     with pytest.raises(RequestRefused) as caught:
         script.state.grant_write(X, V2, MIB, 3, [], script.now)
     assert caught.value.code == errno.EIO
     plan = script.state.grant_write(Y, V2, 0, 3, [], script.now)
     assert plan.base is None and len(plan.chain) == 3
+
+
+def test_a_young_leader_asks_writers_to_retry_until_reports_arrive() -> None:
+    script = Script([])
+    with pytest.raises(RequestRefused) as caught:
+        script.state.grant_write(X, V1, 0, 3, [], script.now)
+    assert caught.value.code == errno.EAGAIN
+    with pytest.raises(RequestRefused) as caught:
+        script.state.grant_write(Y, V2, MIB, 3, [], script.now)
+    assert caught.value.code == errno.EAGAIN
+    script.leave_safe_mode({})
+    assert script.state.grant_write(X, V1, 0, 3, [], script.now).chain == ()
 
 
 def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_probing() -> None:
