@@ -102,6 +102,8 @@ RETARGETS_MAX = 8
 """Pipeline failures one chunk recovers from within one operation before giving EIO."""
 LOCATE_RETRIES_MAX = 2
 """Fresh locations fetched for one chunk read after stale-version or token errors."""
+NO_REPLICA_DELAY_S_MIN = 0.05
+NO_REPLICA_DELAY_S_MAX = 1.0
 SYNCS_IN_FLIGHT_MAX = 16
 """Chunks synced at once when a file with many dirty chunks is flushed."""
 
@@ -135,12 +137,16 @@ class FileClientSettings:
     write_buffer_bytes: int = 64 * 1024 * 1024
     readahead_bytes: int = 8 * 1024 * 1024
     push_piece_bytes: int = PUSH_PIECE_BYTES
+    no_replica_wait_s: float = 60.0
+    """How long a read or a write waits for the leader to know a replica (after a
+    failover it rebuilds locations from dataserver reports) before failing."""
 
     @classmethod
     def from_config(cls, config: Config) -> FileClientSettings:
         return cls(
             write_buffer_bytes=max(1, config.mount.write_buffer_bytes),
             readahead_bytes=config.mount.readahead_bytes,
+            no_replica_wait_s=config.client.no_quorum_timeout_s,
         )
 
 
@@ -521,7 +527,7 @@ class FileClient:
     ) -> _ActiveChunk:
         active = state.active.get(index)
         if active is None:
-            writable = await self._open_for_write(state.inode, index, credentials, ())
+            writable = await self._open_for_write_waiting(state.inode, index, credentials, ())
             writer = ChunkWriter(self.pool, _placement_of(writable))
             active = _ActiveChunk(index, writable, writer, writable.length)
             state.active[index] = active
@@ -549,6 +555,26 @@ class FileClient:
             )
         return writable
 
+    async def _open_for_write_waiting(
+        self,
+        inode: InodeId,
+        index: int,
+        credentials: Credentials | None,
+        exclude: tuple[str, ...],
+    ) -> WritableChunk:
+        """:meth:`_open_for_write`, waiting (bounded) while the leader knows no live
+        dataserver: after a failover it learns them from their next heartbeats."""
+        deadline = trio.current_time() + self.settings.no_replica_wait_s
+        delay_s = NO_REPLICA_DELAY_S_MIN
+        while True:
+            try:
+                return await self._open_for_write(inode, index, credentials, exclude)
+            except FileIoError as error:
+                if error.code != errno.ENOSPC or trio.current_time() > deadline:
+                    raise
+            await trio.sleep(delay_s)
+            delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
+
     async def _recovering(
         self,
         state: _FileState,
@@ -568,7 +594,7 @@ class FileClient:
                 if failure.code == errno.ENOSPC and not failure.failed:
                     raise FileIoError(errno.ENOSPC, str(failure)) from None
                 excluded = tuple(failure.failed)
-                writable = await self._open_for_write(
+                writable = await self._open_for_write_waiting(
                     state.inode, active.index, credentials, excluded
                 )
                 active.writable = writable
@@ -683,10 +709,24 @@ class FileClient:
             if length <= 0:
                 return b""
             return await self._reader(state, index, active.placement()).read(within, length)
-        for attempt in range(LOCATE_RETRIES_MAX + 1):
+        attempt = 0
+        deadline = trio.current_time() + self.settings.no_replica_wait_s
+        delay_s = NO_REPLICA_DELAY_S_MIN
+        while True:
             located = await self._locate(state, credentials, index)
             if located is None or within >= located.length:
                 return b""
+            if not located.replicas:
+                # A new leader rebuilds replica locations from dataserver reports: wait
+                # for them rather than fail the read.
+                if trio.current_time() > deadline:
+                    raise FileIoError(
+                        errno.EIO, f"inode {state.inode} chunk {index}: no replica known"
+                    )
+                await trio.sleep(delay_s)
+                delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
+                state.forget_locations()
+                continue
             placement = ChunkPlacement(
                 located.chunk, located.version, None, located.replicas, located.token
             )
@@ -698,9 +738,9 @@ class FileClient:
                 codes = {e.code for e in error.errors.values()}
                 if attempt == LOCATE_RETRIES_MAX or not codes & _REFRESH_CODES:
                     raise
+                attempt += 1
                 log.info("inode %d chunk %d: %s; locating again", state.inode, index, error)
                 state.forget_locations()
-        raise FileIoError(errno.EIO, "unreachable")
 
     def _reader(self, state: _FileState, index: int, placement: ChunkPlacement) -> ChunkReader:
         reader = state.readers.get(index)
