@@ -1307,6 +1307,11 @@ class PaxosNode:
         """Catch up with the promisers, then start proposing; keep the read gate honest."""
         ls = self._ls
         assert ls is not None
+        if not self._is_voter():
+            # Catching up revealed that this replica left the group: a leader that cannot
+            # propose would still hold off every election with its heartbeats.
+            self._step_down(StepDownReason.REMOVED)
+            return
         if not ls.active:
             if ls.max_promiser_commit > self._commit:
                 assert ls.max_promiser is not None
@@ -1347,11 +1352,6 @@ class PaxosNode:
                 self._send(node, Prepare(self._id, ls.ballot, Slot(self._commit + 1)))
 
     def _on_leader_commit(self) -> None:
-        ls = self._ls
-        assert ls is not None
-        if self._role == Role.LEADER and not self._is_voter():
-            self._step_down(StepDownReason.REMOVED)
-            return
         if self._role == Role.LEADER:
             self._leader_check_progress()
 

@@ -112,6 +112,10 @@ class SafetyChecker:
         # Unsynced records that happened to reach the platter are durable now too.
         self.on_durable(node, records)
 
+    def on_disk_rewritten(self, node: NodeId, records: tuple[Record, ...]) -> None:
+        """A compaction replaces the log: it must keep the promise."""
+        self.on_disk_loaded(node, list(records))
+
     def on_snapshot_saved(self, node: NodeId, index: int) -> None:
         self.durable_snapshot_index[node] = index
 

@@ -129,7 +129,7 @@ class SimConfig:
             replicas=rng.choice((3, 3, 5)),
             options=options,
             fault_ms=rng.randrange(2_000, 4_000),
-            quiet_ms=1_500,
+            quiet_ms=2_500,
             clients=rng.randrange(3, 7),
             keys=rng.randrange(1, 4),
             drop_rate=rng.choice((0.0, 0.01, 0.05)),
@@ -196,6 +196,7 @@ class Host:
         self.incarnation = 0
         self.busy = False
         self.was_leader = False
+        self.crash_during_write = False
         self.pending_writes: set[tuple[int, int]] = set()
         self.pending_reads: dict[int, tuple[int, int, str]] = {}
         self.next_read_id = 1
@@ -380,6 +381,10 @@ class Simulation:
             if ready.records:
                 host.disk.append(ready.records)
                 host.busy = True
+                if host.crash_during_write:
+                    # Power fails while these records are on their way to the platter.
+                    host.crash_during_write = False
+                    self.at(self.rng_disk.randrange(0, 20), _bind(self._crash_and_restart, host))
                 delay = self.rng_disk.randrange(20, self.config.fsync_us_max + 1)
                 self.at(delay, _bind(self._fsync_done, host, host.incarnation, ready))
                 return
@@ -459,6 +464,7 @@ class Simulation:
         node.snapshot_saved(meta, len(data))
         records = node.compacted_records()
         if records is not None:
+            self.checker.on_disk_rewritten(host.node_id, records)
             host.disk.rewrite(records)
             self.count("log_compacted")
         self.count("snapshot_taken")
@@ -568,9 +574,14 @@ class Simulation:
         if reply.leader_hint is not None:
             client.target = reply.leader_hint
         else:
-            client.target = NodeId(client.rng.randrange(1, self.next_node_id))
+            client.target = self._any_member(client)
         retry_us = client.rng.randrange(1_000, 10_000)
         self.at(retry_us, lambda: self._client_retry(client, reply.op_id))
+
+    def _any_member(self, client: Client) -> NodeId:
+        """A client knows the group's members (from redirects and its configuration)."""
+        members = sorted(self.checker.latest_membership.voters)
+        return NodeId(client.rng.choice(members))
 
     def _client_retry(self, client: Client, op_id: int) -> None:
         if client.op_id == op_id:
@@ -582,7 +593,7 @@ class Simulation:
         self.count("client_timeouts")
         client.history.append(Operation(client.client_id, client.invoke_us, None, client.op))
         client.op_id = client.op = None
-        client.target = NodeId(client.rng.randrange(1, self.next_node_id))
+        client.target = self._any_member(client)
         self._client_next(client)
 
     def _host_client_request(self, node_id: NodeId, request: ClientRequest) -> None:
@@ -645,6 +656,16 @@ class Simulation:
         if not candidates:
             return
         host = self.rng_fault.choice(candidates)
+        if self.rng_fault.random() < 0.4:
+            host.crash_during_write = True
+            return
+        self._crash_and_restart(host)
+
+    def _crash_and_restart(self, host: Host) -> None:
+        if not host.alive:
+            return
+        if host.busy:
+            self.count("crash_during_fsync")
         self._crash(host)
         # One corrupted disk per run: losing more than a minority is beyond any protocol.
         if self.config.bitflip and not self.counters.get("bit_flipped"):

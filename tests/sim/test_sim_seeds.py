@@ -3,7 +3,7 @@ linearizability and liveness, plus coverage counters that fail the batch if no s
 reached a leader change, a preempted leader, a restart from a snapshot, a catch-up
 from a snapshot and a membership change.
 
-``PAXFS_SIM_SEEDS`` (default 120) and ``PAXFS_SIM_START`` (default 0) choose the seeds;
+``PAXFS_SIM_SEEDS`` (default 150) and ``PAXFS_SIM_START`` (default 0) choose the seeds;
 ``PAXFS_SEED=<n>`` runs that one seed alone. ``make sim SEEDS=N START=S`` runs more.
 """
 
@@ -19,7 +19,7 @@ if os.environ.get("PAXFS_SEED"):
     SEEDS = [int(os.environ["PAXFS_SEED"])]
 else:
     START = int(os.environ.get("PAXFS_SIM_START", "0"))
-    SEEDS = list(range(START, START + int(os.environ.get("PAXFS_SIM_SEEDS", "120"))))
+    SEEDS = list(range(START, START + int(os.environ.get("PAXFS_SIM_SEEDS", "150"))))
 
 _counters: dict[int, dict[str, int]] = {}
 
