@@ -14,7 +14,8 @@ like a mount.  Every caller works on its own files in one shared directory:
 * unlink: ``Unlink`` of the renamed files.
 
 Printed per phase: operations per second (all callers, first start to last end), p50 and
-p99 latency; beside them the fdatasync latency of a small append to a file in the same
+p99 latency, and the CPU time each process spent per operation (leader, followers, all
+client processes: what bounds throughput on a machine with few cores); beside them the fdatasync latency of a small append to a file in the same
 directory, measured in the same run before and after the phases.  The issue's targets:
 >= 5,000 creates/s and >= 20,000 stats/s with 64 callers; single-caller create p50 <=
 2 x fsync p50 + 1 ms.
@@ -105,6 +106,7 @@ class _Worker:
         self.callers = callers
         self.tag = tag
         self.inodes: list[list[int]] = [[] for _ in range(callers)]
+        self.renamed = [0] * callers
 
     async def run(self, phase: str, count: int, deadline: float) -> dict[str, Any]:
         latencies: list[float] = []
@@ -123,7 +125,9 @@ class _Worker:
         for i in range(count):
             if time.time() > deadline or (phase != "create" and not mine):
                 return
-            if phase in ("rename", "unlink") and i >= len(mine):
+            if (phase == "rename" and i >= len(mine)) or (
+                phase == "unlink" and i >= self.renamed[index]
+            ):
                 return
             name = f"{self.tag}-{index}-{i}".encode()
             started = time.perf_counter()
@@ -133,6 +137,7 @@ class _Worker:
                 await client.query(GetAttr(mine[i % len(mine)]))
             elif phase == "rename":
                 await client.mutate(Rename(directory, name, directory, name + b"-r"))
+                self.renamed[index] += 1
             else:
                 await client.mutate(Unlink(directory, name + b"-r"))
             latencies.append(time.perf_counter() - started)
@@ -149,6 +154,13 @@ class PhaseResult:
     ops_per_s: float
     p50_ms: float
     p99_ms: float
+    cpu_us_per_op: dict[str, float]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class WorkerPool:
@@ -171,7 +183,12 @@ class WorkerPool:
             if not ready:
                 raise RuntimeError("a benchmark client process failed to start")
 
-    def run(self, phase: str, count: int, seconds: float, callers: int) -> PhaseResult:
+    def run(
+        self, phase: str, count: int, seconds: float, callers: int, servers: dict[str, int]
+    ) -> PhaseResult:
+        """One phase; ``servers`` names server pids whose CPU time per op is reported."""
+        pids = {**servers, **{f"client{i}": p.pid for i, p in enumerate(self.processes)}}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         deadline = time.time() + seconds
         for process in self.processes:
             assert process.stdin is not None
@@ -181,8 +198,12 @@ class WorkerPool:
         for process in self.processes:
             assert process.stdout is not None
             results.append(json.loads(process.stdout.readline()))
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         latencies = [lat for r in results for lat in r["latencies"]]
         ops = sum(r["ops"] for r in results)
+        clients_cpu = sum(v for k, v in cpu.items() if k.startswith("client"))
+        per_op = {k: v * 1e6 / max(1, ops) for k, v in cpu.items() if not k.startswith("client")}
+        per_op["clients"] = clients_cpu * 1e6 / max(1, ops)
         elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
         return PhaseResult(
             phase,
@@ -191,6 +212,7 @@ class WorkerPool:
             ops / elapsed if elapsed > 0 else 0.0,
             _percentile(latencies, 50) * 1e3 if latencies else 0.0,
             _percentile(latencies, 99) * 1e3 if latencies else 0.0,
+            per_op,
         )
 
     def close(self) -> None:
@@ -222,18 +244,24 @@ def run_benchmark(directory: Path, callers_list: list[int], seconds: float) -> N
             group.start(node_id)
         leader = trio.run(group.wait_for_leader)
         print(f"3 metaservers on loopback, leader {leader}; {seconds:g} s per phase at most")
+        servers = {
+            ("leader" if i == leader else f"follower{i}"): node.process.pid
+            for i, node in group.nodes.items()
+            if node.process.pid is not None
+        }
         addresses = ",".join(str(a) for a in group.addresses())
         for callers in callers_list:
             pool = WorkerPool(addresses, group.key, callers, f"c{callers}")
             try:
                 count = max(50, int(40_000 / callers))
                 for phase in PHASES:
-                    result = pool.run(phase, count, seconds, callers)
+                    result = pool.run(phase, count, seconds, callers, servers)
                     results.append(result)
+                    cpu = "  ".join(f"{k} {v:,.0f}" for k, v in result.cpu_us_per_op.items())
                     print(
                         f"{callers:3d} callers  {phase:<6}  {result.ops_per_s:9,.0f} ops/s"
                         f"  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms"
-                        f"  ({result.ops:,} ops)",
+                        f"  ({result.ops:,} ops; CPU us/op: {cpu})",
                         flush=True,
                     )
             finally:

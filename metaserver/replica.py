@@ -7,10 +7,12 @@ takes each Ready and does what it asks:
 
 1. install a snapshot received from a peer, durably;
 2. queue the records for the log writer (group commit: every proposal that arrived
-   during the previous fsync rides in this one);
+   during the previous fsync rides in this one); a record of the commit index alone
+   waits to ride with later records (nothing depends on its durability);
 3. send at once the messages that reveal nothing of those records -- the leader's
    Accept, Commit and Heartbeat requests at a ballot already durable here -- so that
    the followers' fsync runs in parallel with the leader's own (Raft thesis 10.2.1);
+   commit news alone waits for the next message to that peer or the next tick;
 4. apply the committed commands to the namespace and wake whoever waits for each
    reply (a committed slot is chosen: a quorum holds it durably, so applying it does
    not wait for this replica's own records);
@@ -98,6 +100,8 @@ from wire.namespace_ops import Command, Reply
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_MS = 10
+COMMIT_RECORD_DELAY_MS = 100
+"""Longest a commit-index record waits for other records to share their fsync."""
 MEMBERSHIP_WAIT_S_MAX = 30.0
 """How long a membership change waits to come into force before answering EAGAIN."""
 
@@ -190,6 +194,9 @@ class Replica:
         self.applied_index = node.applied_index
         """Last slot applied to ``namespace`` (behind the core's while a backlog waits)."""
         self._durable_ballot: Ballot = node.promised
+        self._deferred_commits: dict[NodeId, Commit] = {}
+        self._commit_record: CommitRecord | None = None
+        self._commit_record_since_ms = 0
         self._proposals: dict[bytes, deque[_Waiter]] = defaultdict(deque)
         self._reads: dict[ReadId, _Waiter] = {}
         self._reads_unapplied: deque[tuple[int, ReadId]] = deque()
@@ -448,6 +455,7 @@ class Replica:
     async def _tick_loop(self) -> None:
         while True:
             await trio.sleep(TICK_INTERVAL_MS / 1000)
+            self._flush_deferred_commits()
             self.node.tick(self.now_ms())
             self._kick()
 
@@ -456,6 +464,7 @@ class Replica:
             await self._kicked.wait()
             self._kicked = trio.Event()
             self._drain_backlog()
+            await self._flush_commit_record(COMMIT_RECORD_DELAY_MS)
             while self.node.has_ready():
                 ready = self.node.ready()
                 await self._handle(ready)
@@ -469,16 +478,23 @@ class Replica:
             await self._install(ready.snapshot_install.meta, ready.snapshot_install.data)
         ticket = None
         held: tuple[Any, ...] = ()
-        if ready.records:
-            ticket = await self._storage.submit([encode_record(r) for r in ready.records])
-        if ticket is not None and not all(type(r) is CommitRecord for r in ready.records):
+        records = ready.records
+        if records and all(type(r) is CommitRecord for r in records):
+            # Nothing waits for a commit index to be durable: the slots are chosen (a
+            # quorum holds them), and the record only shortens recovery.  It rides with
+            # the next records, or goes alone after COMMIT_RECORD_DELAY_MS.
+            if self._commit_record is None:
+                self._commit_record_since_ms = self.now_ms()
+            self._commit_record = records[-1]
+            records = ()
+        elif records and self._commit_record is not None:
+            records = (self._commit_record, *records)
+            self._commit_record = None
+        if records:
+            ticket = await self._storage.submit([encode_record(r) for r in records])
             held = self._send(ready.messages, early_only=True)
         else:
-            # Nothing in this Ready waits for a commit index to be durable: the slots are
-            # chosen (a quorum holds them); the record only shortens recovery.  Later
-            # records are durable only after it (the log is written in order).
             self._send(ready.messages, early_only=False)
-            ticket = None
         for entry in ready.committed:
             self._commit_entry(entry)
         if ticket is not None:
@@ -511,8 +527,27 @@ class Replica:
                 continue
             by_peer[outbound.to].append(message)
         for peer, batch in by_peer.items():
+            if all(type(message) is Commit for message in batch):
+                # Commit news alone is not urgent (no reply waits on a follower's apply)
+                # and cumulative: keep the latest for the next batch or tick.
+                self._deferred_commits[peer] = batch[-1]
+                continue
+            deferred = self._deferred_commits.pop(peer, None)
+            if deferred is not None:
+                batch.insert(0, deferred)
             self._send_messages(peer, batch)
         return tuple(held)
+
+    def _flush_deferred_commits(self) -> None:
+        deferred, self._deferred_commits = self._deferred_commits, {}
+        for peer, message in deferred.items():
+            self._send_messages(peer, [message])
+
+    async def _flush_commit_record(self, older_than_ms: int) -> None:
+        record = self._commit_record
+        if record is not None and self.now_ms() - self._commit_record_since_ms >= older_than_ms:
+            self._commit_record = None
+            await self._storage.submit([encode_record(record)])
 
     def _note_durable(self, ready: Ready) -> None:
         for record in ready.records:
