@@ -114,6 +114,12 @@ SCAN_INTERVAL_S_MIN = 0.25
 SCAN_INTERVAL_S_MAX = 30.0
 TICK_S_MIN = 0.05
 TICK_S_MAX = 1.0
+PLAN_SHARE_OF_TICK = 0.2
+"""Share of each tick that planning (re-examining chunks) may take before yielding until
+the next tick, so a scan of a huge namespace never starves client requests."""
+SCAN_IDLE_FACTOR = 9
+"""A namespace scan is followed by at least this many times its duration of idleness,
+so scans take at most a tenth of the leader's time."""
 TOPUP_BYTES_MAX = 64 * MIB
 """Largest base version copied to a new server while an open for write waits."""
 TOPUP_TIMEOUT_S = 2.0
@@ -539,15 +545,22 @@ class ClusterManager:
                         state.address(dead),
                         self._options.dead_after_s,
                     )
-                while state.plan(now_s) and self._state is state:
+                budget_ends_s = time.monotonic() + PLAN_SHARE_OF_TICK * self._options.tick_s
+                while state.plan(now_s) and time.monotonic() < budget_ends_s:
                     await trio.sleep(0)
+                    if self._state is not state:
+                        break
                 self._log_summary(state)
             except Exception:
                 self._lose_state("planning", state)
 
     async def _scan_loop(self) -> None:
+        """Scan the namespace every ``scan_interval_s``, or less often in a namespace so
+        large that a scan (and the re-examination of every chunk it causes) would take
+        more than a small share of the time, or its re-examination would not keep up."""
         while True:
             state = self._state_if_leader()
+            pause_s = self._options.scan_interval_s
             if state is not None:
                 started_s = trio.current_time()
                 try:
@@ -560,7 +573,15 @@ class ClusterManager:
                     scanned = None
                 if scanned is not None and self._state is state:
                     state.install_scan(scanned, started_s)
-            await trio.sleep(self._options.scan_interval_s)
+                    pause_s = max(pause_s, SCAN_IDLE_FACTOR * (trio.current_time() - started_s))
+            await trio.sleep(pause_s)
+            # The next scan waits until the chunks the last one marked were re-examined.
+            while (
+                (state := self._state_if_leader()) is not None
+                and state.backlog
+                and not state.safe_mode(trio.current_time())
+            ):
+                await trio.sleep(self._options.tick_s)
 
     async def _scan(self, state: ClusterState) -> dict[ChunkId, ChunkRef] | None:
         """Every referenced chunk of the namespace, page by page (linearizable pages);

@@ -686,6 +686,11 @@ class ClusterState:
 
     # ------------------------------------------------------------------ namespace input
 
+    @property
+    def backlog(self) -> int:
+        """Chunks waiting to be re-examined by :meth:`plan`."""
+        return len(self._dirty)
+
     def safe_mode(self, now_s: float) -> bool:
         """True while the reign is too young to delete or copy anything (rule 3)."""
         return now_s < self.started_s + self.options.grace_s or self.scan_started_s is None
@@ -782,7 +787,7 @@ class ClusterState:
     def _reconcile(self, chunk: ChunkId, now_s: float) -> None:
         """Classify one chunk and queue the deletes and copies it needs (module rules)."""
         self._set_health(chunk, None)
-        self._under.pop(chunk, None)
+        queued = self._under.pop(chunk, None)
         self._unschedulable.pop(chunk, None)
         if chunk in self.grants:
             return
@@ -814,10 +819,12 @@ class ClusterState:
             elif stored.version == effective and stored.corrupt:
                 corrupt.append(ds)
         copying = len(self.copies.get(chunk, ()))
+        if len(counted) < ref.goal:
+            self._set_health(chunk, ChunkHealth.UNDER_REPLICATED)
         if len(counted) + copying < ref.goal:
             self._under[chunk] = len(counted)
-            heapq.heappush(self._under_heap, (len(counted), chunk))
-            self._set_health(chunk, ChunkHealth.UNDER_REPLICATED)
+            if queued != len(counted):  # else its heap entry is still there
+                heapq.heappush(self._under_heap, (len(counted), chunk))
             return
         if len(counted) >= ref.goal:
             for ds in corrupt:

@@ -702,3 +702,19 @@ def test_a_chunk_being_written_is_neither_copied_nor_cleaned_until_it_settles() 
     script.round([A, B, C, D])
     holders = script.holders(X)
     assert sorted(holders.values()) == [V2, V2, V2]
+
+
+def test_waiting_copies_do_not_pile_up_in_the_queue_across_scans() -> None:
+    script = Script([A, B, C, D], rate_bytes_s=1.0, chunk_size_bytes=MIB)
+    many = {ChunkId(0x100 + i): (V1, MIB, 3) for i in range(50)}
+    for chunk in many:
+        script.store(A, chunk, V1)
+    script.full_report(A)
+    script.leave_safe_mode(many)
+    for _scan in range(20):
+        script.advance(0.01)
+        script.scan(many)
+        script.plan()
+    queue = script.state._under_heap  # noqa: SLF001 (the bound under test)
+    assert len(queue) <= 2 * len(many)
+    assert script.state.counters(script.now).under_replicated == len(many)
