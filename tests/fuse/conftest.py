@@ -57,8 +57,8 @@ call_timeout_s = 2.0
 no_quorum_timeout_s = 60.0
 
 [mount]
-attr_timeout_s = 0.2
-entry_timeout_s = 0.2
+attr_timeout_s = 1.0
+entry_timeout_s = 1.0
 write_buffer_bytes = 8388608
 readahead_bytes = 1048576
 """
