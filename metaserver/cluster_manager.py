@@ -667,9 +667,14 @@ class ClusterManager:
         )
 
 
-def cluster_manager_services(config: Config) -> ExtraServices:
+def cluster_manager_services(
+    config: Config, started: Callable[[ClusterManager], None] | None = None
+) -> ExtraServices:
     """The hook for :func:`metaserver.server.serve_metaserver`: registers the handlers
-    and starts the background tasks of a :class:`ClusterManager` for ``config``."""
+    and starts the background tasks of a :class:`ClusterManager` for ``config``.
+
+    ``started`` receives the manager once it exists (for admin handlers that report its
+    :meth:`~ClusterManager.counters` and :meth:`~ClusterManager.dataservers`)."""
     key = config.cluster_key()
     options = ClusterManagerOptions.from_config(config)
 
@@ -677,5 +682,7 @@ def cluster_manager_services(config: Config) -> ExtraServices:
         manager = ClusterManager(replica, key, options)
         manager.register_handlers(handlers)
         nursery.start_soon(manager.run)
+        if started is not None:
+            started(manager)
 
     return install
