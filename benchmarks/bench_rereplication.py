@@ -78,7 +78,7 @@ async def fill(
     payload = os.urandom(CHUNK_BYTES)
     per_server: dict[str, int] = {}
     holders: dict[ChunkId, set[str]] = {}
-    inodes = []
+    inodes: list[InodeId] = []
     while max(per_server.values(), default=0) < lost_bytes:
         inode = await client.write_file(f"f{len(inodes)}".encode(), payload, goal=3)
         inodes.append(inode)

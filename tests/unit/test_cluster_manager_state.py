@@ -187,7 +187,9 @@ class Script:
         self.scan(refs)
         self.plan()
 
-    def round(self, servers: Iterable[DataserverId]) -> dict[DataserverId, list[object]]:
+    def round(
+        self, servers: Iterable[DataserverId]
+    ) -> dict[DataserverId, list[DeleteReplica | ReplicateChunk]]:
         """Plan, then one carried-out heartbeat from each of ``servers``."""
         self.plan()
         done = {ds: list(self.carry_out(ds)) for ds in servers}
