@@ -232,6 +232,11 @@ class ClusterManager:
         except UnknownDataserver as error:
             raise RpcError(errno.ENOENT, str(error)) from None
 
+    def state(self) -> ClusterState:
+        """The soft state of the current reign, for the admin handlers of
+        :mod:`metaserver.cluster_admin` (raises ``NOT_LEADER`` on a follower)."""
+        return self._current()
+
     # ------------------------------------------------------------------ reigns
 
     def _current(self) -> ClusterState:

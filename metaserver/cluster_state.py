@@ -684,6 +684,58 @@ class ClusterState:
                 available += record.space.available_bytes
         return capacity, used, available, live
 
+    # ------------------------------------------------------------------ admin tools
+
+    def current_version(self, chunk: ChunkId) -> ChunkVersion | None:
+        """The version whose replicas hold a referenced chunk's committed data: the
+        namespace's version, or an older one while nobody reported the newer (see
+        :meth:`_effective_version`); None for a chunk no file references."""
+        ref = self.refs.get(chunk)
+        return None if ref is None else self._effective_version(chunk, ref.version)
+
+    def is_deleting(self, chunk: ChunkId, dataserver: DataserverId, version: ChunkVersion) -> bool:
+        """True while a delete of that replica is queued or awaits its confirmation."""
+        return self._deleting.get((chunk, dataserver)) == version
+
+    def release_replica(
+        self, chunk: ChunkId, version: ChunkVersion, dataserver: DataserverId, now_s: float
+    ) -> str | None:
+        """Queue the delete of ``dataserver``'s good replica of ``chunk`` at ``version``,
+        which an admin tool (the balancer) copied elsewhere; None when queued, else why not.
+
+        Refused in safe mode, for a chunk being written, and whenever the chunk would keep
+        fewer than its goal of counted good replicas without it (rule 4; replicas already
+        being deleted do not count).
+        """
+        ref = self.refs.get(chunk)
+        if self.safe_mode(now_s):
+            return _COLLECTING_REPORTS
+        if ref is None:
+            return "no file references the chunk"
+        if chunk in self.grants:
+            return "the chunk is being written"
+        if self._effective_version(chunk, ref.version) != version:
+            return f"version {version} is no longer the current one"
+        stored = self.replicas.get(chunk, {}).get(dataserver)
+        if stored is None or stored.version != version or stored.corrupt:
+            return "no good replica of that version is known there"
+        others = [
+            ds
+            for ds, held in self.replicas[chunk].items()
+            if ds != dataserver
+            and held.version == version
+            and not held.corrupt
+            and self.state_of(ds) in COUNTED_STATES
+            and self._deleting.get((chunk, ds)) != version
+        ]
+        if len(others) < ref.goal:
+            return f"{len(others)} other counted replicas would be left, goal {ref.goal}"
+        if len(self.servers[dataserver].commands) >= SERVER_COMMANDS_MAX:
+            return "the dataserver's command queue is full"
+        self._delete(dataserver, chunk, version)
+        self._dirty[chunk] = None
+        return None
+
     # ------------------------------------------------------------------ namespace input
 
     @property
@@ -803,12 +855,15 @@ class ClusterState:
         if not readable:
             self._set_health(chunk, ChunkHealth.MISSING)
             return
+        # A replica whose delete is queued no longer counts, so that no second delete
+        # (a trim decided again, a balancer's release) takes the chunk below its goal.
         counted = [
             ds
             for ds, stored in holders.items()
             if stored.version == effective
             and not stored.corrupt
             and self.state_of(ds) in COUNTED_STATES
+            and self._deleting.get((chunk, ds)) != effective
         ]
         corrupt: list[DataserverId] = []
         for ds, stored in holders.items():
