@@ -220,6 +220,8 @@ class Replica:
         """Set (and replaced) whenever the leader changes."""
         self.applied_commands = 0
         self.snapshots_taken = 0
+        self.snapshot_serialised_at: tuple[float, float] = (0.0, 0.0)
+        """When (trio clock) the last snapshot's serialisation started and ended."""
         for node_id, address in self.group.address_map().items():
             self._set_peer_address(node_id, parse_address(address))
 
@@ -716,6 +718,7 @@ class Replica:
         """Serialise in a thread (applies wait meanwhile), save, and hand the result to
         the driver, which tells the core and compacts the log."""
         started = time.monotonic()
+        started_at = trio.current_time()
         namespace, group = self.namespace, self.group
         try:
             try:
@@ -728,6 +731,7 @@ class Replica:
                 self._serialised.set()
                 self._kick()
             serialised_s = time.monotonic() - started
+            self.snapshot_serialised_at = (started_at, trio.current_time())
             await self._storage.save_snapshot(meta.index, blob)
             self._snapshot_saved = (meta, blob)
             self.snapshots_taken += 1
