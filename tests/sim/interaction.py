@@ -6,17 +6,20 @@ blank line and ``#`` starts a comment. Run ``PAXFS_REWRITE_SCRIPTS=1 pytest
 tests/sim/test_interaction_scripts.py`` to regenerate the expected output -- only on
 purpose, and read the diff.
 
-The environment owns the nodes the way the metaserver does: ``process-ready`` makes
-the records durable at once, queues the messages, applies the entries, serves reads
-and answers snapshot reads, then calls ``advance``. Messages wait in one queue until a
-script delivers or drops them. The same :class:`SafetyChecker` as in the random
-simulation watches every step.
+Time is real milliseconds (``tick``); each node reads its own clock, which may run
+fast or slow (``clock``). After every command the checker verifies that at most one
+node holds a valid lease. The environment owns the nodes the way the metaserver does:
+``process-ready`` makes the records durable at once, queues the messages, applies the
+entries, serves reads and answers snapshot reads, then calls ``advance``. Messages wait
+in one queue until a script delivers or drops them. The same :class:`SafetyChecker` as
+in the random simulation watches every step.
 
 Commands (``<n>`` is a node id):
 
-``add-nodes <count> [read=lease] [window=<slots>] [batch=<commands>] [page=<entries>]
-[chunk=<bytes>] [retain=<slots>]``
-    create the founding voters 1..count
+``add-nodes <count> [read=lease] [lease=<ms>] [drift=<ppm>] [window=<slots>]
+[batch=<commands>] [page=<entries>] [chunk=<bytes>] [retain=<slots>]``
+    create the founding voters 1..count (election timeout 100 ms, heartbeat 10 ms)
+``clock <n> <ppm>``                   node n's clock runs fast (or slow, if negative)
 ``campaign <n>``                      start phase 1 now
 ``tick <ms> [<n> ...]``               advance the clock and tick (all live nodes)
 ``propose <n> <command> ...``         propose commands
@@ -243,6 +246,8 @@ class InteractionEnv:
         self.disabled_checks = disabled_checks
         self.options = PaxosOptions()
         self.now_ms = 0
+        """Real time; a node reads its own clock, which may run fast or slow."""
+        self.clock_ppm: dict[NodeId, int] = {}
         self.owners: dict[NodeId, _Owner] = {}
         self.queue: list[tuple[NodeId, Outbound]] = []
         self.blocked: set[tuple[NodeId, NodeId]] = set()
@@ -269,6 +274,7 @@ class InteractionEnv:
             "status": self._status,
             "log": self._log,
             "state": self._state,
+            "clock": self._clock,
         }
 
     def run(self, command_line: str) -> str:
@@ -280,7 +286,22 @@ class InteractionEnv:
             raise ScriptError(f"unknown command {words[0]!r}")
         self._current = words[0]
         handler(words[1:])
+        self._check_leases()
         return "\n".join(self.out) if self.out else "ok"
+
+    def local_ms(self, node_id: NodeId) -> int:
+        """What ``node_id``'s clock reads now."""
+        return self.now_ms * (1_000_000 + self.clock_ppm.get(node_id, 0)) // 1_000_000
+
+    def _check_leases(self) -> None:
+        if self.checker is None:
+            return
+        holders = [
+            node_id
+            for node_id, owner in sorted(self.owners.items())
+            if owner.node is not None and owner.node.lease_valid(self.local_ms(node_id))
+        ]
+        self.checker.on_leases(holders, self.now_ms * 1000)
 
     def emit(self, line: str) -> None:
         self.out.append(line)
@@ -299,7 +320,7 @@ class InteractionEnv:
             node_id=owner.node_id,
             options=self.options,
             rng=random.Random(owner.node_id * 1000 + owner.incarnation),
-            now_ms=self.now_ms,
+            now_ms=self.local_ms(owner.node_id),
             snapshot=owner.snapshot,
             snapshot_size_bytes=len(owner.snapshot_data),
             records=[decode_record(encode_record(r)) for r in owner.records],
@@ -313,8 +334,8 @@ class InteractionEnv:
         self.options = PaxosOptions(
             heartbeat_interval_ms=10,
             election_timeout_ms=100,
-            lease_ms=50,
-            clock_drift_ppm_max=0,
+            lease_ms=int(settings.get("lease", 50)),
+            clock_drift_ppm_max=int(settings.get("drift", 0)),
             read_mode=ReadMode.LEASE if settings.get("read") == "lease" else ReadMode.READ_INDEX,
             window_slots=int(settings.get("window", 8)),
             batch_commands_max=int(settings.get("batch", 8)),
@@ -331,8 +352,13 @@ class InteractionEnv:
             self._make_node(owner)
 
     def _campaign(self, args: list[str]) -> None:
-        if not self._node(args[0]).campaign(self.now_ms):
+        node_id = NodeId(int(args[0]))
+        if not self._node(args[0]).campaign(self.local_ms(node_id)):
             self.emit("refused")
+
+    def _clock(self, args: list[str]) -> None:
+        """``clock <n> <ppm>``: node n's clock runs ppm parts per million fast (or slow)."""
+        self.clock_ppm[NodeId(int(args[0]))] = int(args[1])
 
     def _tick(self, args: list[str]) -> None:
         self.now_ms += int(args[0])
@@ -340,7 +366,7 @@ class InteractionEnv:
         for node_id in targets:
             node = self.owners[node_id].node
             if node is not None:
-                node.tick(self.now_ms)
+                node.tick(self.local_ms(node_id))
 
     def _propose(self, args: list[str]) -> None:
         node = self._node(args[0])
@@ -350,7 +376,8 @@ class InteractionEnv:
                 self.emit(f"{command}: {result.name}")
 
     def _read(self, args: list[str]) -> None:
-        result = self._node(args[0]).request_read(ReadId(int(args[1])), self.now_ms)
+        node_id = NodeId(int(args[0]))
+        result = self._node(args[0]).request_read(ReadId(int(args[1])), self.local_ms(node_id))
         self.emit(result.name)
 
     def _process_ready_cmd(self, args: list[str]) -> None:
@@ -450,7 +477,7 @@ class InteractionEnv:
             self.emit(f"lost (down): {text}")
         else:
             self.emit(text)
-            owner.node.step(outbound.message, self.now_ms)
+            owner.node.step(outbound.message, self.local_ms(outbound.to))
 
     def _stabilize(self, args: list[str]) -> None:
         only = {NodeId(int(a)) for a in args}

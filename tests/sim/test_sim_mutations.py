@@ -8,7 +8,9 @@ these tests fail: they keep the safety net honest.
 * minority quorum -- ``_quorum.quorum_size`` returns ``n // 2``;
 * applying an accepted but unchosen value -- a follower treats any vote of its own as
   the chosen value when commit news arrives;
-* not persisting the promise -- ``PromiseRecord`` is never handed to the owner.
+* not persisting the promise -- ``PromiseRecord`` is never handed to the owner;
+* a lease without the clock-drift margin -- the leader trusts its lease for the full
+  ``lease_ms`` of its own clock.
 
 Each is shown twice: caught by the check aimed at it, and caught end to end (diverging
 replicas, two lease holders, two values chosen) with the aimed checks switched off.
@@ -23,6 +25,7 @@ import pytest
 
 from metaserver.paxos import _quorum
 from metaserver.paxos import node as node_module
+from metaserver.paxos.options import PaxosOptions
 from tests.sim.checker import SimViolation
 from tests.sim.cluster import SimFailure, run_seed
 from tests.sim.interaction import run_script
@@ -113,4 +116,18 @@ def test_a_forgotten_promise_lets_two_values_be_chosen(monkeypatch: pytest.Monke
     with pytest.raises(SimViolation) as caught:
         run_script(script, frozenset(DIRECT - {"one-value-chosen"}))
     assert caught.value.check == "one-value-chosen"
+    print(f"caught by [{caught.value.check}]: {caught.value.detail}")
+
+
+def test_a_lease_without_the_drift_margin_overlaps_the_next_leaders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random seeds seldom put clocks at opposite extremes of the bound exactly when a
+    cut-off leader's lease runs out; the scripted scenario does."""
+    script = (Path(__file__).parent / "scripts" / "lease_clock_drift.txt").read_text()
+    run_script(script)
+    monkeypatch.setattr(PaxosOptions, "lease_leader_ms", property(lambda self: self.lease_ms))
+    with pytest.raises(SimViolation) as caught:
+        run_script(script)
+    assert caught.value.check == "single-lease-holder"
     print(f"caught by [{caught.value.check}]: {caught.value.detail}")

@@ -1,7 +1,8 @@
 """The randomised simulation tier: a bounded batch of seeds, each checked for safety,
 linearizability and liveness, plus coverage counters that fail the batch if no seed
-reached a leader change, a preempted leader, a restart from a snapshot, a catch-up
-from a snapshot and a membership change.
+reached one of ``REQUIRED_COVERAGE``: a leader change, a preempted leader, a snapshot
+taken, a restart from a snapshot, a catch-up from a snapshot, a membership change, a
+torn tail cut, a corrupt record detected, and reads by lease and by read-index.
 
 ``PAXFS_SIM_SEEDS`` (default 150) and ``PAXFS_SIM_START`` (default 0) choose the seeds;
 ``PAXFS_SEED=<n>`` runs that one seed alone. ``make sim SEEDS=N START=S`` runs more.
