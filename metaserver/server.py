@@ -154,8 +154,12 @@ async def serve_metaserver(
     holder: list[Replica] = []
     handlers.register(IDENTITY_CHECK, _identity_check_handler(holder))
     try:
+        # Only a founder or a replica told to join may start on an empty directory, and
+        # then only after the identity check below.
         storage_context = open_storage(
-            data_dir, cluster_id_from_key(key), StorageOptions(create_if_empty=True)
+            data_dir,
+            cluster_id_from_key(key),
+            StorageOptions(create_if_empty=founder or settings.join),
         )
         storage = await storage_context.__aenter__()
     except StorageError as error:

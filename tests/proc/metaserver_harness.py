@@ -64,7 +64,7 @@ LEADER_TIMEOUT_S = 15.0
 ADMIN_CALL_TIMEOUT_S = 2.0
 LOG_TAIL_CHARS = 4000
 
-FAST_ELECTIONS: dict[str, Any] = {"election_timeout_ms": 300, "heartbeat_interval_ms": 30}
+FAST_ELECTIONS: dict[str, Any] = {"election_timeout_ms": 500, "heartbeat_interval_ms": 50}
 """Metaserver settings that make tests quick: elections in well under a second."""
 
 
