@@ -3,16 +3,11 @@ not interfere.
 
 A cluster is started with ``paxfs cluster up --dir D --mount D/mnt`` (small chunks, short
 timeouts) and always stopped with ``paxfs cluster down --dir D``, also when a test fails.
-Until the metaserver's cluster manager has landed, the leader is the single-process
-stand-in of :mod:`tests.fuse.standin_leader` (the real namespace, no Paxos) and the
-dataservers and the mount are the real processes; tests that need a real metaserver
-group (leader failover) are skipped then, with that reason.  ``PAXFS_FUSE_LEADER=standin``
-forces the stand-in.
+Tests skip, with the reason, where ``/dev/fuse`` or ``fusermount3`` is missing.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import subprocess
@@ -32,8 +27,6 @@ from tools.local_cluster import (
     ClusterLayout,
     check_health,
     is_mounted,
-    spawn,
-    wait_until,
     write_config,
 )
 from wire.config import load_config
@@ -72,15 +65,6 @@ def _missing_fuse() -> str | None:
     return None
 
 
-def cluster_manager_landed() -> bool:
-    """True once ``paxfs metaserver`` runs the cluster manager (dataservers can register)."""
-    if os.environ.get("PAXFS_FUSE_LEADER") == "standin":
-        return False
-    import tools.cli
-
-    return "cluster_manager" in inspect.getsource(tools.cli._cluster_manager_services)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _require_fuse() -> None:
     reason = _missing_fuse()
@@ -110,7 +94,6 @@ class LocalCluster:
 
     directory: Path
     mountpoint: Path
-    real: bool
 
     @property
     def config_path(self) -> Path:
@@ -137,80 +120,21 @@ class LocalCluster:
 def start_cluster(
     directory: Path, *, dataservers: int = 3, metaservers: int = 3, mount: bool = True
 ) -> LocalCluster:
-    """Start a cluster under ``directory`` (mounted at ``directory/mnt``)."""
+    """``paxfs cluster up`` under ``directory`` (mounted at ``directory/mnt``)."""
     directory.mkdir(parents=True, exist_ok=True)
     mountpoint = directory / "mnt"
-    real = cluster_manager_landed()
-    write_config(
-        directory,
-        metaservers if real else 1,
-        dataservers,
-        3,
-        CHUNK_SIZE_BYTES,
-        extra=TEST_SETTINGS,
-    )
-    cluster = LocalCluster(directory, mountpoint, real)
+    write_config(directory, metaservers, dataservers, 3, CHUNK_SIZE_BYTES, extra=TEST_SETTINGS)
+    cluster = LocalCluster(directory, mountpoint)
+    args = ["cluster", "up", "--dir", str(directory), "--timeout", str(START_TIMEOUT_S)]
+    if mount:
+        args += ["--mount", str(mountpoint)]
     try:
-        if real:
-            args = ["cluster", "up", "--dir", str(directory), "--timeout", str(START_TIMEOUT_S)]
-            if mount:
-                args += ["--mount", str(mountpoint)]
-            paxfs(*args)
-        else:
-            _start_with_standin(cluster, dataservers, mount)
+        paxfs(*args)
     except BaseException:
         print(cluster.logs())
         cluster.down()
         raise
     return cluster
-
-
-def _start_with_standin(cluster: LocalCluster, dataservers: int, mount: bool) -> None:
-    """The processes ``cluster up`` would start, with the stand-in as the leader."""
-    directory = cluster.directory
-    config_path = cluster.config_path
-    logs = directory / "logs"
-    layout = ClusterLayout(str(directory))
-    layout.processes.append(
-        spawn(
-            "metaserver",
-            "metaserver-1",
-            [sys.executable, "-m", "tests.fuse.standin_leader", "-c", str(config_path)],
-            logs / "metaserver-1.log",
-        )
-    )
-    ports = local_cluster.dataserver_ports(config_path)
-    for position, port in enumerate(ports, start=1):
-        layout.processes.append(
-            spawn(
-                "dataserver",
-                f"dataserver-{position}",
-                local_cluster._dataserver_command(  # noqa: SLF001
-                    config_path, directory / f"data-{position}", port
-                ),
-                logs / f"dataserver-{position}.log",
-            )
-        )
-    layout.save()
-    config = load_config(str(config_path))
-    local_cluster._wait_healthy(config, layout, dataservers, START_TIMEOUT_S)  # noqa: SLF001
-    if mount:
-        cluster.mountpoint.mkdir(exist_ok=True)
-        record = spawn(
-            "mount",
-            "mount",
-            local_cluster._mount_command(config_path, str(cluster.mountpoint)),  # noqa: SLF001
-            logs / "mount.log",
-        )
-        layout.processes.append(record)
-        layout.mountpoint = str(cluster.mountpoint)
-        layout.save()
-        wait_until(
-            lambda: is_mounted(str(cluster.mountpoint)) or not record.alive(),
-            START_TIMEOUT_S,
-            "the mount",
-        )
-        assert record.alive(), cluster.logs()
 
 
 @contextmanager

@@ -1,22 +1,19 @@
-"""A single-process stand-in for the metaserver leader, while the cluster manager lands.
+"""A single-process stand-in for the metaserver leader, inside a test's trio run.
 
-It serves what a mount and dataservers need from the leader: every namespace method
+It serves what a client and dataservers need from the leader: every namespace method
 (answered by the real :class:`metaserver.namespace.Namespace`, in memory, without Paxos),
 the cluster protocol (the dataserver harness's :class:`FakeMetaserver`), and the
 client's data-path calls (``OPEN_FOR_WRITE``, ``LOCATE``, ``SPACE``,
 ``REPORT_BAD_REPLICA``) with chains chosen over the registered dataservers and tokens
-signed with the cluster key.  Tests of the file client and the mount's data path use it
-when ``metaserver.cluster_manager`` is not there yet; run it as
-``python -m tests.fuse.standin_leader -c FILE`` (it serves on metaserver 1's address).
+signed with the cluster key.  The in-process tests of the file client and of the pyfuse3
+operations use it: they start in a fraction of a second, and they can see (and kill) the
+very replica chain a write goes through.  The mount tests use real clusters.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +26,6 @@ from tests.proc.dataserver_harness import FakeMetaserver
 from wire.address import Address
 from wire.admin_ops import GROUP_STATUS, GroupStatusReply, GroupStatusRequest
 from wire.cluster_ops import FULL_REPORT, HEARTBEAT, REGISTER, REPORT_CORRUPT, HeartbeatRequest
-from wire.config import load_config
 from wire.data_ops import (
     LOCATE,
     OPEN_FOR_WRITE,
@@ -236,31 +232,3 @@ async def serve_standin(
         leader.address = str(Address(address.host, bound_port(listeners)))
         leader.peers = PeerConnections(key, nursery, name="standin-leader")
         task_status.started(leader)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.fuse.standin_leader")
-    parser.add_argument("-c", "--config", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s standin %(message)s")
-    config = load_config(args.config)
-    address = config.metaserver_addresses()[1]
-    namespace_config = NamespaceConfig(
-        chunk_size_bytes=config.cluster.chunk_size_bytes, default_goal=config.cluster.replication
-    )
-
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_standin, config.cluster_key(), address, namespace_config)
-                log.info("serving on %s (pid %d)", address, os.getpid())
-                async for _signum in signals:
-                    nursery.cancel_scope.cancel()
-                    break
-
-    trio.run(run)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

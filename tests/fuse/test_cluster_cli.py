@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.fuse.conftest import (
     REPO_ROOT,
     LocalCluster,
@@ -49,23 +47,20 @@ def test_up_status_down_up_again() -> None:
         assert status["leader_id"] is not None
         assert status["live_dataservers"] == 3
         pids = [p["pid"] for p in status["processes"]]
-        assert len(pids) == (7 if cluster.real else 5)
+        assert len(pids) == 7
         down = paxfs("cluster", "down", "--dir", directory)
         assert "stopped" in down.stdout
         assert not is_mounted(str(cluster.mountpoint))
         assert not any(_pid_alive(pid, "") for pid in pids)
         stopped = paxfs("cluster", "status", "--dir", directory, check=False)
         assert stopped.returncode == 1 and "not running" in stopped.stdout
-        if cluster.real:
-            paxfs("cluster", "up", "--dir", directory, "--mount", str(cluster.mountpoint))
-            assert (cluster.mountpoint / "kept").read_bytes() == b"survives a restart"
-            plain = paxfs("cluster", "status", "--dir", directory)
-            assert "healthy" in plain.stdout
+        paxfs("cluster", "up", "--dir", directory, "--mount", str(cluster.mountpoint))
+        assert (cluster.mountpoint / "kept").read_bytes() == b"survives a restart"
+        plain = paxfs("cluster", "status", "--dir", directory)
+        assert "healthy" in plain.stdout
 
 
 def test_up_restarts_a_dead_process(cluster: LocalCluster) -> None:
-    if not cluster.real:
-        pytest.skip("needs the real metaserver group (cluster manager not landed)")
     victim = next(r for r in cluster.layout().processes if r.role == "dataserver")
     os.kill(victim.pid, signal.SIGKILL)
     poll(lambda: not victim.alive(), "the dataserver to die")

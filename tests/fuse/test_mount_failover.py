@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.fuse.conftest import LocalCluster, paxfs, poll
 
 WORKLOAD_ROUNDS = 60
@@ -48,8 +46,6 @@ def leader_record(cluster: LocalCluster) -> tuple[int, int]:
 
 
 def test_leader_killed_during_a_workload(cluster: LocalCluster) -> None:
-    if not cluster.real:
-        pytest.skip("needs the real metaserver group (cluster manager not landed)")
     errors: list[BaseException] = []
     progress: list[int] = []
     worker = threading.Thread(

@@ -1,7 +1,9 @@
 """The file-level client against real dataserver processes and a leader.
 
 The leader is the real namespace behind the stand-in of :mod:`tests.fuse.standin_leader`
-(in this process) until the cluster manager lands; the dataservers are real processes.
+(in this process, so a test can see and kill the chain a write goes through); the
+dataservers are real processes.  Real clusters are tested through the mount
+(``tests/fuse``).
 Randomised tests print their seed; replay with ``PAXFS_SEED=N``.
 """
 
