@@ -259,6 +259,8 @@ class _FileState:
     writer_credentials: Credentials | None = None
     committed_attr: Attr | None = None
     """The attributes the last commit of this client returned."""
+    stamp: tuple[int, int, int] = (0, 0, 0)
+    """(mtime, ctime, size) of the file as its cached chunk locations know it."""
     error: FileIoError | None = None
     """A write-back failure not yet reported to a flush, fsync or close."""
 
@@ -333,13 +335,15 @@ class FileClient:
         state = self._files.get(attr.ino)
         if state is None:
             state = _FileState(attr.ino, attr.size, self.chunk_size_bytes)
+            state.stamp = _stamp(attr)
             self._files[attr.ino] = state
-        elif not state.has_unpublished():
-            # Close-to-open: what another client closed is seen now; our cached
-            # locations may name versions it replaced.
-            if attr.size != state.size:
-                state.forget_locations()
+        elif not state.has_unpublished() and _stamp(attr) != state.stamp:
+            # Close-to-open: another client changed the file since we cached its chunk
+            # locations, which may name versions it replaced (and a replica left out of
+            # its chain would still serve the old bytes).
+            state.forget_locations()
             state.size = attr.size
+            state.stamp = _stamp(attr)
         state.opens += 1
         return OpenFile(self, state, credentials, append, attr)
 
@@ -394,6 +398,7 @@ class FileClient:
             if op.size is not None:
                 state.size = reply.attr.size
                 state.forget_locations()
+            state.stamp = _stamp(reply.attr)
             return reply.attr
 
     def size_of(self, inode: InodeId) -> int | None:
@@ -668,6 +673,7 @@ class FileClient:
         if reply is not None:
             state.size = reply.attr.size
             state.committed_attr = reply.attr
+            state.stamp = _stamp(reply.attr)
 
     # ------------------------------------------------------------ truncating
 
@@ -780,6 +786,10 @@ class FileClient:
 
 
 _ROOT = Credentials(0, 0, ())
+
+
+def _stamp(attr: Attr) -> tuple[int, int, int]:
+    return (attr.mtime_ns, attr.ctime_ns, attr.size)
 
 
 def _placement_of(writable: WritableChunk) -> ChunkPlacement:

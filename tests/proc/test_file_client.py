@@ -250,3 +250,22 @@ async def test_dataserver_killed_during_a_large_write_the_write_completes(
         again = await client.open(await lookup(client, b"survivor"), ROOT)
         assert await again.read(0, len(payload) + 10) == payload
         await again.release()
+
+
+async def test_an_open_sees_a_rewrite_another_client_closed_while_we_held_the_file(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as setup, setup.client() as one, setup.client() as two:
+        writer = await create(one, b"held")
+        await writer.write(0, b"a" * 1000)
+        await writer.release()
+        inode = await lookup(two, b"held")
+        holder = await two.open(inode, ROOT)
+        assert await holder.read(0, 10) == b"a" * 10  # locations cached now
+        rewriter = await one.open(inode, ROOT)
+        await rewriter.write(0, b"b" * 1000)  # same size, a new chunk version
+        await rewriter.release()
+        fresh = await two.open(inode, ROOT)
+        assert await fresh.read(0, 1000) == b"b" * 1000
+        await fresh.release()
+        await holder.release()
