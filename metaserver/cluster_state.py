@@ -73,6 +73,8 @@ COPY_STARTS_PER_PLAN_MAX = 1_000
 """Queued chunks one :meth:`ClusterState.plan` call tries to start copies for."""
 DELETION_ENTRIES_TRACKED_MAX = 4 * 4096
 """Deletion-queue entries whose first sighting is remembered (a few pages' worth)."""
+TRIM_HOLDS_MAX = 10_000
+"""Chunks whose over-replication trims are held at once (balancer moves under way)."""
 
 
 class ServerState(enum.Enum):
@@ -320,6 +322,7 @@ class ClusterState:
         self.copies: dict[ChunkId, list[CopyJob]] = {}
         self._copy_failures: dict[tuple[ChunkId, DataserverId], float] = {}
         self._deleting: dict[tuple[ChunkId, DataserverId], ChunkVersion] = {}
+        self._trim_holds: dict[ChunkId, float] = {}
         self._deletion_first_seen_s: dict[tuple[ChunkId, ChunkVersion], float] = {}
         self._health: dict[ChunkId, ChunkHealth] = {}
         self._health_counts: Counter[ChunkHealth] = Counter()
@@ -697,6 +700,18 @@ class ClusterState:
         """True while a delete of that replica is queued or awaits its confirmation."""
         return self._deleting.get((chunk, dataserver)) == version
 
+    def hold_trims(self, chunk: ChunkId, until_s: float) -> bool:
+        """Leave ``chunk``'s over-replication alone until ``until_s`` (or the next
+        :meth:`release_replica`): a balancer move is under way, and its release, after
+        the copy is verified, picks which replica goes.  False when too many are held."""
+        if chunk not in self._trim_holds and len(self._trim_holds) >= TRIM_HOLDS_MAX:
+            return False
+        self._trim_holds[chunk] = until_s
+        return True
+
+    def trims_held(self, chunk: ChunkId) -> bool:
+        return chunk in self._trim_holds
+
     def release_replica(
         self, chunk: ChunkId, version: ChunkVersion, dataserver: DataserverId, now_s: float
     ) -> str | None:
@@ -705,8 +720,10 @@ class ClusterState:
 
         Refused in safe mode, for a chunk being written, and whenever the chunk would keep
         fewer than its goal of counted good replicas without it (rule 4; replicas already
-        being deleted do not count).
+        being deleted do not count).  Ends the chunk's :meth:`hold_trims` either way.
         """
+        if self._trim_holds.pop(chunk, None) is not None:
+            self._dirty[chunk] = None
         ref = self.refs.get(chunk)
         if self.safe_mode(now_s):
             return _COLLECTING_REPORTS
@@ -835,6 +852,9 @@ class ClusterState:
                 self._end_copy(job, failed=True, now_s=now_s)
         for key in [k for k, t in self._copy_failures.items() if now_s - t >= COPY_AVOID_S]:
             del self._copy_failures[key]
+        for chunk in [c for c, until_s in self._trim_holds.items() if until_s <= now_s]:
+            del self._trim_holds[chunk]
+            self._dirty[chunk] = None
 
     def _reconcile(self, chunk: ChunkId, now_s: float) -> None:
         """Classify one chunk and queue the deletes and copies it needs (module rules)."""
@@ -885,7 +905,7 @@ class ClusterState:
             for ds in corrupt:
                 self._delete(ds, chunk, effective)
         excess = len(counted) - ref.goal
-        if excess > 0 and not copying:
+        if excess > 0 and not copying and chunk not in self._trim_holds:
             trimmable = [ds for ds in counted if self.state_of(ds) is ServerState.LIVE]
             trimmable.sort(key=lambda ds: (self.servers[ds].space.available_bytes, ds))
             for ds in trimmable[:excess]:

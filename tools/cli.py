@@ -110,17 +110,6 @@ def apply_flags(config: Config, args: argparse.Namespace) -> None:
         set_setting(section, field_name, _convert_flag(annotation, value, flag), flag)
 
 
-def _not_landed(issue: int) -> Runner:
-    def run(args: argparse.Namespace, _config: Config) -> int:
-        print(
-            f"paxfs {args.subcommand}: not available yet (issue #{issue} has not landed)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-
-    return run
-
-
 def _no_arguments(_parser: argparse.ArgumentParser) -> None:
     return None
 
@@ -151,10 +140,11 @@ def _run_dataserver(_args: argparse.Namespace, config: Config) -> int:
 
 
 def _cluster_manager_services(config: Config) -> Callable[..., None]:
-    """The cluster manager's handlers and tasks (leader only) for the metaserver."""
-    from metaserver.cluster_manager import cluster_manager_services
+    """The cluster manager's handlers and tasks (leader only) for the metaserver, with
+    the admin handlers of ``paxfs admin``."""
+    from metaserver.cluster_admin import cluster_services
 
-    return cluster_manager_services(config)
+    return cluster_services(config)
 
 
 def _mount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +174,25 @@ def _run_cluster(args: argparse.Namespace, _config: Config) -> int:
     try:
         return run(args)
     except ClusterError as error:
+        raise CommandFailed(str(error)) from None
+
+
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    from tools.admin import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_admin(args: argparse.Namespace, config: Config) -> int:
+    from tools.admin import AdminUsageError, run
+    from tools.admin_client import AdminError
+
+    try:
+        return run(args, config)
+    except AdminUsageError as error:
+        print(f"paxfs admin {args.admin_action}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except AdminError as error:
         raise CommandFailed(str(error)) from None
 
 
@@ -222,8 +231,8 @@ def subcommands() -> list[Subcommand]:
             "admin",
             "inspect and repair a cluster (report, fsck, balance, ...)",
             ("cluster", "client"),
-            _no_arguments,
-            _not_landed(8),
+            _admin_arguments,
+            _run_admin,
         ),
     ]
 

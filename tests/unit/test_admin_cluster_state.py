@@ -7,6 +7,9 @@ source" step) of :class:`metaserver.cluster_state.ClusterState`, played with the
 
 from __future__ import annotations
 
+import pytest
+
+from metaserver import cluster_state
 from metaserver.cluster_state import ServerState
 from tests.unit.test_cluster_manager_state import (
     GIB,
@@ -23,6 +26,7 @@ from tests.unit.test_cluster_manager_state import (
     Y,
 )
 from wire.cluster_ops import DeleteReplica, ReplicaReport
+from wire.ids import ChunkId
 
 
 def moved_to(script: Script, target: object, source: object) -> None:
@@ -101,3 +105,29 @@ def test_a_dead_or_maintenance_holder_changes_what_a_release_may_do() -> None:
     assert script.state.release_replica(X, V1, A, script.now) is not None
     script.state.set_admin_state(B, ServerState.MAINTENANCE)
     assert script.state.release_replica(X, V1, A, script.now) is None
+
+
+def test_trims_wait_while_a_move_is_under_way_and_resume_when_its_hold_expires() -> None:
+    script = Script([A, B, C, D])
+    for ds in (A, B, C):
+        script.store(ds, X, V1)
+        script.full_report(ds)
+    script.leave_safe_mode({X: (V1, MIB, 3)})
+    assert script.state.hold_trims(X, script.now + 30)
+    moved_to(script, D, A)
+    for _ in range(3):
+        done = script.round([A, B, C, D])
+        assert not any(done.values()), done
+    assert len(script.holders(X)) == 4 and script.state.trims_held(X)
+    script.advance(31)
+    script.round([A, B, C, D])
+    assert len(script.holders(X)) == 3 and not script.state.trims_held(X)
+
+
+def test_the_number_of_held_chunks_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_state, "TRIM_HOLDS_MAX", 2)
+    script = Script([A])
+    assert script.state.hold_trims(X, 1.0)
+    assert script.state.hold_trims(Y, 1.0)
+    assert not script.state.hold_trims(ChunkId(0x99), 1.0)
+    assert script.state.hold_trims(X, 2.0)  # renewing a held chunk is always possible
