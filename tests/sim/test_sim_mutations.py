@@ -30,7 +30,7 @@ from tests.sim.checker import SimViolation
 from tests.sim.cluster import SimFailure, run_seed
 from tests.sim.interaction import run_script
 
-SEEDS_MAX = 40
+SEEDS_MAX = 80
 DIRECT = frozenset(
     {
         "apply-only-chosen",
@@ -105,6 +105,21 @@ def test_the_mutation_also_breaks_the_group_end_to_end(
     failure = _first_failure(DIRECT)
     assert failure is not None, f"no seed below {SEEDS_MAX} caught the mutation end to end"
     assert failure.check in checks
+
+
+def test_a_stale_vote_applied_as_chosen_diverges_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministically: a restarted replica holds a vote nobody chose (z at 1.1) and
+    hears commit news for that slot at 2.3."""
+    script = (Path(__file__).parent / "scripts" / "minority_accepted_slot.txt").read_text()
+    _apply_unchosen(monkeypatch)
+    for disabled, expected in (
+        (frozenset(), "apply-only-chosen"),
+        (DIRECT, "applied-prefix-identical"),
+    ):
+        with pytest.raises(SimViolation) as caught:
+            run_script(script, disabled)
+        assert caught.value.check == expected
+        print(f"caught by [{caught.value.check}]: {caught.value.detail}")
 
 
 def test_a_forgotten_promise_lets_two_values_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
