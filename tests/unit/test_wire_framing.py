@@ -161,16 +161,19 @@ def test_a_direct_send_in_progress_when_the_flusher_starts_is_not_interleaved() 
         send, receive = trio.testing.lockstep_stream_pair()
         writer = FrameWriter(send)
         big = bytes(range(256)) * 4096
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.send, ["direct"], big)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(writer.run_flusher)
-            nursery.start_soon(writer.send, ["queued"], b"x" * 100)
-            reader = FrameReader(receive, LIMITS)
-            first = await reader.receive()
-            second = await reader.receive()
-            assert first is not None and first[0] == ["direct"] and bytes(first[1]) == big
-            assert second is not None and second[0] == ["queued"]
-            nursery.cancel_scope.cancel()
+        reader = FrameReader(receive, LIMITS)
+        frames = []
+        async with trio.open_nursery() as flusher_nursery:
+            async with trio.open_nursery() as senders:
+                senders.start_soon(writer.send, ["direct"], big)
+                await trio.testing.wait_all_tasks_blocked()
+                flusher_nursery.start_soon(writer.run_flusher)
+                senders.start_soon(writer.send, ["queued"], b"x" * 100)
+                for _ in range(2):
+                    frames.append(await reader.receive())
+            flusher_nursery.cancel_scope.cancel()
+        first, second = frames
+        assert first is not None and first[0] == ["direct"] and bytes(first[1]) == big
+        assert second is not None and second[0] == ["queued"]
 
     trio.run(run)
