@@ -192,25 +192,6 @@ class _DirtyChunk:
         self.bytes += len(merged) - old
         return len(merged) - old
 
-    def cut(self, length: int) -> int:
-        """Drop everything at or past ``length``; return the bytes dropped."""
-        kept: list[tuple[int, bytearray]] = []
-        dropped = 0
-        for start, extent in self.extents:
-            if start >= length:
-                dropped += len(extent)
-            elif start + len(extent) > length:
-                dropped += start + len(extent) - length
-                kept.append((start, extent[: length - start]))
-            else:
-                kept.append((start, extent))
-        self.extents = kept
-        self.bytes -= dropped
-        return dropped
-
-    def end(self) -> int:
-        return self.extents[-1][0] + len(self.extents[-1][1]) if self.extents else 0
-
     def overlay(self, target: memoryview, offset: int) -> None:
         """Copy the buffered bytes that fall in ``[offset, offset + len(target))``."""
         end = offset + len(target)
@@ -400,14 +381,6 @@ class FileClient:
                 state.forget_locations()
             state.stamp = _stamp(reply.attr)
             return reply.attr
-
-    def size_of(self, inode: InodeId) -> int | None:
-        """The size this client knows for an open inode (None when not open here)."""
-        state = self._files.get(inode)
-        return None if state is None else state.size
-
-    def is_open(self, inode: InodeId) -> bool:
-        return inode in self._files
 
     async def statfs(self, credentials: Credentials) -> tuple[StatFsReply, Space | None]:
         """Namespace counters and the space live dataservers report (None when the

@@ -121,7 +121,6 @@ class _DirHandle:
 @dataclass
 class _FileHandle:
     file: OpenFile
-    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class GroupsCache:
@@ -594,10 +593,6 @@ class PaxfsOperations(pyfuse3.Operations):
         self._dirs.clear()
         self.lookups.clear()
         self._cache_stamps.clear()
-
-    @property
-    def open_handles(self) -> int:
-        return len(self._files) + len(self._dirs)
 
 
 def _refuse_acl(name: bytes) -> None:
