@@ -374,7 +374,8 @@ def _dataclass_decoder_cached(cls: type) -> Decoder:
 def _union_decoder(args: tuple[Any, ...]) -> Decoder:
     allows_none = type(None) in args
     others = tuple(a for a in args if a is not type(None))
-    messages = tuple(a for a in others if dataclasses.is_dataclass(a))
+    # Registered messages travel tagged (see _encode_any); plain dataclasses do not.
+    messages = tuple(a for a in others if a in _names)
     if messages and len(messages) == len(others):
         inner = _tagged_decoder(messages)
     elif len(others) == 1:

@@ -99,5 +99,23 @@ def test_registering_two_classes_under_one_name_is_a_programming_error() -> None
             x: int
 
 
+@dataclass(frozen=True)
+class Plain:
+    value: int
+
+
+@schema.message("test.schema.holder")
+@dataclass(frozen=True)
+class Holder:
+    plain: Plain | None
+    plains: tuple[Plain, ...]
+
+
+def test_plain_dataclasses_nest_positionally_also_when_optional() -> None:
+    value = Holder(Plain(3), (Plain(4),))
+    assert _roundtrip(value) == value
+    assert _roundtrip(Holder(None, ())) == Holder(None, ())
+
+
 def test_float_fields_accept_integers_from_other_languages() -> None:
     assert math.isclose(schema.decode(Sample, [1, b"", 2, [], None]).size, 2.0)
