@@ -15,8 +15,9 @@ like a mount.  Every caller works on its own files in one shared directory:
 
 Printed per phase: operations per second (all callers, first start to last end), p50 and
 p99 latency, and the CPU time each process spent per operation (leader, followers, all
-client processes: what bounds throughput on a machine with few cores); beside them the fdatasync latency of a small append to a file in the same
-directory, measured in the same run before and after the phases.  The issue's targets:
+client processes: what bounds throughput on a machine with few cores).  Beside them, the
+fdatasync latency of a small append to a file in the same directory, measured in the
+same run before and after the phases.  The issue's targets:
 >= 5,000 creates/s and >= 20,000 stats/s with 64 callers; single-caller create p50 <=
 2 x fsync p50 + 1 ms.
 """
