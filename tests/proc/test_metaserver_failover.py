@@ -103,5 +103,5 @@ async def test_state_digests_agree_at_the_same_applied_index(tmp_path: Path) -> 
         digests = await group.wait_equal_digests(list(group.nodes))
         status = await group.status(leader)
         assert status is not None
-        assert digests[leader].applied_index == status.applied_index
+        assert status.applied_index >= digests[leader].applied_index > 0
         assert status.applied_commands > 0
