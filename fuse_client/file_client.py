@@ -105,6 +105,8 @@ LOCATE_RETRIES_MAX = 2
 NO_REPLICA_DELAY_S_MIN = 0.05
 NO_REPLICA_DELAY_S_MAX = 1.0
 SYNCS_IN_FLIGHT_MAX = 16
+SESSION_CHECK_INTERVAL_S = 0.5
+"""How often the client looks whether its metaserver session was reopened."""
 """Chunks synced at once when a file with many dirty chunks is flushed."""
 
 _REFRESH_CODES = frozenset({STALE_VERSION, TOKEN_REFUSED, errno.ENOENT})
@@ -337,7 +339,40 @@ class FileClient:
             if state.opens == 0:
                 self._discard_buffers(state)
                 self._files.pop(state.inode, None)
-            await self.meta.mutate(Release(state.inode), handle.credentials)
+            try:
+                await self.meta.mutate(Release(state.inode), handle.credentials)
+            except RpcError as error:
+                if error.code != errno.EBADF:
+                    raise
+                # The session that counted this open ended (and released it).
+                log.info("inode %d: open already released with its session", state.inode)
+
+    async def keep_opens_registered(self) -> None:
+        """Run for the client's lifetime: when the metaserver session had to be reopened
+        (it expired during a long partition, which released its opens), count every
+        open again in the new session, so that unlinked open files stay alive."""
+        session = self.meta.client_id
+        while True:
+            await trio.sleep(SESSION_CHECK_INTERVAL_S)
+            current = self.meta.client_id
+            if current is None or current == session:
+                continue
+            session = current
+            await self.reregister_opens()
+
+    async def reregister_opens(self) -> None:
+        """Count every open of this client in the current session."""
+        for state in list(self._files.values()):
+            for _ in range(state.opens):
+                try:
+                    await self.meta.mutate(Open(state.inode), _ROOT)
+                except RpcError as error:
+                    log.error(
+                        "inode %d could not be opened again in the new session: %s",
+                        state.inode,
+                        error,
+                    )
+                    break
 
     def _discard_buffers(self, state: _FileState) -> None:
         """Forget what could not be published (its error is kept for the next flush)."""
@@ -865,10 +900,13 @@ async def open_file_client(
             client = FileClient(
                 meta, pool, counters.chunk_size, settings or FileClientSettings.from_config(config)
             )
-            try:
-                yield client
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(30):
-                    await client.flush_all()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.keep_opens_registered)
+                try:
+                    yield client
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(30):
+                        await client.flush_all()
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_single(group)

@@ -35,7 +35,14 @@ from wire.address import Address
 from wire.config import Config
 from wire.errors import RpcError
 from wire.ids import ROOT_INODE, InodeId
-from wire.namespace_ops import Credentials, Lookup, SetAttr, Unlink
+from wire.namespace_ops import (
+    CLOSE_SESSION,
+    CloseSession,
+    Credentials,
+    Lookup,
+    SetAttr,
+    Unlink,
+)
 
 CHUNK = 256 * 1024
 ROOT = Credentials(0, 0, ())
@@ -269,3 +276,25 @@ async def test_an_open_sees_a_rewrite_another_client_closed_while_we_held_the_fi
         assert await fresh.read(0, 1000) == b"b" * 1000
         await fresh.release()
         await holder.release()
+
+
+async def test_opens_survive_a_lost_session(tmp_path: Path) -> None:
+    async with running(tmp_path) as setup, setup.client() as client, setup.client() as other:
+        handle = await create(client, b"kept-open")
+        await handle.write(0, b"still readable")
+        await handle.flush()
+        # The session ends under the client (as after a long partition): the
+        # namespace releases its opens; the client reopens a session on its next call.
+        old_session = client.meta.client_id
+        assert old_session is not None
+        await other.meta.call(CLOSE_SESSION, CloseSession(old_session))
+        await client.meta.mutate(SetAttr(handle.inode, mode=0o600), ROOT)
+        assert client.meta.client_id != old_session
+        await client.reregister_opens()
+        await other.meta.mutate(Unlink(ROOT_INODE, b"kept-open"), ROOT)
+        assert (await other.getattr(handle.inode, ROOT)).nlink == 0  # alive: still open
+        assert await handle.read(0, 100) == b"still readable"
+        await handle.release()
+        with pytest.raises(RpcError) as gone:
+            await other.open(handle.inode, ROOT)
+        assert gone.value.code == errno.ENOENT
