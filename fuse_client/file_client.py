@@ -106,6 +106,11 @@ NO_REPLICA_DELAY_S_MIN = 0.05
 NO_REPLICA_DELAY_S_MAX = 1.0
 SYNCS_IN_FLIGHT_MAX = 16
 SESSION_CHECK_INTERVAL_S = 0.5
+RELEASES_PENDING_MAX = 4096
+"""Releases queued for the background sender; past it a release is sent at once."""
+RELEASES_IN_FLIGHT_MAX = 64
+RELEASE_LINGER_S = 0.005
+"""How long the sender waits for more releases to join a batch."""
 """How often the client looks whether its metaserver session was reopened."""
 """Chunks synced at once when a file with many dirty chunks is flushed."""
 
@@ -287,6 +292,9 @@ class FileClient:
         self._files: dict[InodeId, _FileState] = {}
         self._buffered_bytes = 0
         self._room = trio.Lock()
+        self._releases: list[tuple[InodeId, Credentials]] = []
+        self._releases_queued = trio.Event()
+        self._releases_sent_later = False
 
     # ------------------------------------------------------------ opening and closing
 
@@ -339,13 +347,47 @@ class FileClient:
             if state.opens == 0:
                 self._discard_buffers(state)
                 self._files.pop(state.inode, None)
-            try:
-                await self.meta.mutate(Release(state.inode), handle.credentials)
-            except RpcError as error:
-                if error.code != errno.EBADF:
-                    raise
+            if self._releases_sent_later and len(self._releases) < RELEASES_PENDING_MAX:
+                self._releases.append((state.inode, handle.credentials))
+                self._releases_queued.set()
+            else:
+                await self._send_release(state.inode, handle.credentials)
+
+    async def _send_release(self, inode: InodeId, credentials: Credentials) -> None:
+        try:
+            await self.meta.mutate(Release(inode), credentials)
+        except RpcError as error:
+            if error.code == errno.EBADF:
                 # The session that counted this open ended (and released it).
-                log.info("inode %d: open already released with its session", state.inode)
+                log.info("inode %d: open already released with its session", inode)
+            else:
+                log.warning("inode %d: release not recorded: %s", inode, error)
+
+    async def send_releases_forever(self) -> None:
+        """Run for the client's lifetime: send queued releases in concurrent batches.
+
+        The kernel does not wait for a release, and a release changes nothing anyone can
+        observe except when the last open of an unlinked file goes (its space is freed a
+        moment later).  Sent together after a short linger, releases share Paxos slots
+        instead of competing one by one with the creates and opens that follow them."""
+        self._releases_sent_later = True
+        try:
+            while True:
+                await self._releases_queued.wait()
+                self._releases_queued = trio.Event()
+                await trio.sleep(RELEASE_LINGER_S)
+                await self.drain_releases()
+        finally:
+            self._releases_sent_later = False
+
+    async def drain_releases(self) -> None:
+        """Send every queued release now (returns when all were answered)."""
+        while self._releases:
+            batch = self._releases[:RELEASES_IN_FLIGHT_MAX]
+            del self._releases[:RELEASES_IN_FLIGHT_MAX]
+            async with trio.open_nursery() as nursery:
+                for inode, credentials in batch:
+                    nursery.start_soon(self._send_release, inode, credentials)
 
     async def keep_opens_registered(self) -> None:
         """Run for the client's lifetime: when the metaserver session had to be reopened
@@ -358,6 +400,8 @@ class FileClient:
             if current is None or current == session:
                 continue
             session = current
+            # Queued releases were for opens the ended session already released.
+            self._releases.clear()
             await self.reregister_opens()
 
     async def reregister_opens(self) -> None:
@@ -902,11 +946,13 @@ async def open_file_client(
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.keep_opens_registered)
+                nursery.start_soon(client.send_releases_forever)
                 try:
                     yield client
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(30):
                         await client.flush_all()
+                        await client.drain_releases()
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_single(group)

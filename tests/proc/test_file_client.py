@@ -41,6 +41,7 @@ from wire.namespace_ops import (
     Credentials,
     Lookup,
     SetAttr,
+    StatFs,
     Unlink,
 )
 
@@ -197,6 +198,7 @@ async def test_unlinked_open_file_stays_readable_and_writable(tmp_path: Path) ->
         assert await handle.read(0, 100) == b"still here, and more"
         inode = handle.inode
         await handle.release()
+        await client.drain_releases()
         with pytest.raises(RpcError) as gone:
             await client.open(inode, ROOT)
         assert gone.value.code == errno.ENOENT
@@ -295,6 +297,19 @@ async def test_opens_survive_a_lost_session(tmp_path: Path) -> None:
         assert (await other.getattr(handle.inode, ROOT)).nlink == 0  # alive: still open
         assert await handle.read(0, 100) == b"still readable"
         await handle.release()
+        await client.drain_releases()
         with pytest.raises(RpcError) as gone:
             await other.open(handle.inode, ROOT)
         assert gone.value.code == errno.ENOENT
+
+
+async def test_releases_are_sent_in_batches_and_all_arrive(tmp_path: Path) -> None:
+    async with running(tmp_path, dataservers=1) as setup, setup.client() as client:
+        handles = [await create(client, f"r{n}".encode()) for n in range(40)]
+        for handle in handles:
+            await handle.release()  # queued, not awaited one by one
+        for n in range(40):
+            await client.meta.mutate(Unlink(ROOT_INODE, f"r{n}".encode()), ROOT)
+        await client.drain_releases()
+        statfs = await client.meta.query(StatFs(), ROOT)
+        assert statfs.open_unlinked == 0  # every open was released
