@@ -27,7 +27,9 @@ bytes past a chunk's committed length, read as zeros.
 
 **Unlinked open files** keep working: every open is counted in the namespace (``Open``;
 ``Create`` counts its own) and released at ``release``, so the inode and its chunks
-live until the last open anywhere is released.
+live until the last open anywhere is released.  Releases are sent in batches by a
+background task (nobody waits for them); when the metaserver session had to be reopened,
+every open is counted again in the new one.
 """
 
 from __future__ import annotations
