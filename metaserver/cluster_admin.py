@@ -99,6 +99,8 @@ RATE_SAMPLE_S = 1.0
 """Period of the repair-rate sampler."""
 RATE_WINDOW_S = 30.0
 """The repair rate is measured over (at most) this much recent time."""
+RATE_WINDOW_S_MIN = 2.0
+"""No rate is given over less (the first seconds of a repair include its burst)."""
 RATE_SAMPLES_MAX = int(RATE_WINDOW_S / RATE_SAMPLE_S) + 1
 MOVE_HOLD_BASE_S = 30.0
 MOVE_HOLD_RATE_BYTES_S = 4 * MIB
@@ -320,8 +322,9 @@ def move_refusal(
 
 @dataclass
 class RepairRate:
-    """Recent samples of the reign's copied bytes: the copy rate and the current repair
-    episode (which began when the cluster was last seen with nothing to repair)."""
+    """Recent samples of the reign's copied bytes: the copy rate over (at most
+    :data:`RATE_WINDOW_S` of) the current repair episode, which began when the cluster was
+    last seen with nothing to repair."""
 
     samples: deque[tuple[float, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_SAMPLES_MAX)
@@ -340,7 +343,9 @@ class RepairRate:
             and counters.copies_in_flight == 0
         )
         if idle:
+            # The rate is measured within a repair episode: idle time would dilute it.
             self.episode_start_bytes = counters.bytes_copied
+            self.samples.clear()
         self.samples.append((now_s, counters.bytes_copied))
 
     def rate_bytes_s(self) -> tuple[float, float]:
@@ -349,7 +354,7 @@ class RepairRate:
             return 0.0, 0.0
         (first_s, first_bytes), (last_s, last_bytes) = self.samples[0], self.samples[-1]
         window_s = last_s - first_s
-        if window_s <= 0:
+        if window_s < RATE_WINDOW_S_MIN:
             return 0.0, 0.0
         return max(0, last_bytes - first_bytes) / window_s, window_s
 

@@ -54,7 +54,7 @@ from wire.tokens import AccessMode, sign_token
 
 MIB = 1024 * 1024
 THRESHOLD_PCT_DEFAULT = 10.0
-PLAN_BAND_SHARE = 0.9
+PLAN_BAND_SHARE = 0.8
 """The plan aims at this share of the threshold on either side of the mean."""
 REPLICAS_FETCHED_PER_SERVER_MAX = 50_000
 """Replicas of one source server the planner considers."""

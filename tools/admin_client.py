@@ -182,7 +182,7 @@ class AdminClient:
         digits = text.lower().removeprefix("0x")
         if len(digits) < 4 or any(c not in "0123456789abcdef" for c in digits):
             raise AdminError(f"{text!r} is neither a dataserver id (hex) nor HOST:PORT")
-        matches = [s for s in servers if f"{s.dataserver_id:016x}".startswith(digits.zfill(16))]
+        matches = [s for s in servers if s.dataserver_id == int(digits, 16)]
         if not matches:
             matches = [s for s in servers if f"{s.dataserver_id:016x}".startswith(digits)]
         if not matches:

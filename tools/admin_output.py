@@ -93,7 +93,10 @@ def _convert(value: Any, key: str) -> Any:
             if field.name not in HIDDEN_KEYS
         }
     if isinstance(value, Mapping):
-        return {str(_convert(k, key)): _convert(v, key) for k, v in value.items()}
+        return {
+            str(_convert(k, key)): _convert(v, k if isinstance(k, str) else key)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value) if isinstance(value, (set, frozenset)) else value
         return [_convert(item, key) for item in items]
