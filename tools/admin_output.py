@@ -74,6 +74,8 @@ def percent(part: float, whole: float) -> float:
 
 
 def _convert(value: Any, key: str) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value if not isinstance(value.value, int) else value.name.lower()
     if isinstance(value, bool) or value is None or isinstance(value, (float, str)):
         return value
     if isinstance(value, int):
@@ -82,8 +84,6 @@ def _convert(value: Any, key: str) -> Any:
         if key in CHUNK_ID_KEYS:
             return chunk_id(value)
         return int(value)
-    if isinstance(value, enum.Enum):
-        return value.value if not isinstance(value.value, int) else value.name.lower()
     if isinstance(value, bytes):
         return value.hex()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
