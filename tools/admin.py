@@ -36,8 +36,11 @@ from tools.admin_report import run_report
 from tools.admin_servers import DECOMMISSION_TIMEOUT_S_DEFAULT, run_decommission, run_maintenance
 from wire.config import Config
 from wire.errors import RpcError
+from wire.transport import raise_single
 
 EXIT_INTERRUPTED = 130
+SETTING_SECTIONS = ("cluster", "client")
+"""The configuration sections ``paxfs admin`` uses (as declared in :mod:`tools.cli`)."""
 
 
 class AdminUsageError(Exception):
@@ -68,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        """An action's parser; ``-c`` and the setting flags work after the action too
+        (SUPPRESS: given there, they override ``paxfs admin``'s own; else they don't)."""
+        from tools.cli import _add_setting_flags
+
         sub = actions.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "-c",
@@ -76,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             help="TOML configuration file (default: $PAXFS_CONFIG)",
         )
+        for section in SETTING_SECTIONS:
+            _add_setting_flags(sub, section)
+        for argument in sub._actions:
+            if argument.dest.startswith("setting:"):
+                argument.default = argparse.SUPPRESS
         return sub
 
     report = action("report", "the whole cluster: group, dataservers, chunk health, repair")
@@ -244,8 +256,11 @@ def _action(args: argparse.Namespace, balance_run: BalanceRun) -> tuple[Action, 
 
 
 async def _main(config: Config, action: Action, session: bool) -> int:
-    async with open_admin_client(config, session=session) as client:
-        return await action(client)
+    try:
+        async with open_admin_client(config, session=session) as client:
+            return await action(client)
+    except BaseExceptionGroup as group:
+        raise_single(group)  # one failure in a nursery is reported as itself
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

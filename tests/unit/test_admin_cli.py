@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -14,7 +15,7 @@ from tools.admin import _size
 from tools.admin_client import ReplicaRead
 from tools.admin_fsck import chunk_converged, compare_reads, judge_chunk
 from tools.admin_output import human_bytes, human_seconds, json_ready
-from tools.cli import main
+from tools.cli import apply_flags, build_parser, main, subcommands
 from wire import schema
 from wire.cluster_admin_ops import (
     CLUSTER_HEALTH,
@@ -31,6 +32,7 @@ from wire.cluster_admin_ops import (
     ReplicaHealth,
     SetDataserverStateRequest,
 )
+from wire.config import load_config
 from wire.ids import ChunkId, ChunkVersion, DataserverId
 from wire.tokens import AccessMode, ChunkToken
 
@@ -213,3 +215,23 @@ def test_a_chunk_status_survives_the_wire_and_bad_fields_are_refused() -> None:
         schema.decode(ChunkStatus, raw)
     for method in (CLUSTER_HEALTH, LIST_DATASERVERS, FILE_CHUNKS, LIST_REPLICAS, MOVE_BEGIN):
         assert method.name.startswith("cadmin.")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["admin", "--no-quorum-timeout-s", "3", "-c", "{config}", "report"],
+        ["admin", "report", "-c", "{config}", "--no-quorum-timeout-s", "3"],
+        ["admin", "-c", "{config}", "report", "--no-quorum-timeout-s", "3"],
+    ],
+)
+def test_the_config_and_setting_flags_work_before_and_after_the_action(
+    argv: list[str], tmp_path: Path
+) -> None:
+    config_path = tmp_path / "paxfs.toml"
+    config_path.write_text("[client]\ncall_timeout_s = 4.0\nno_quorum_timeout_s = 9.0\n")
+    args = build_parser(subcommands()).parse_args([arg.format(config=config_path) for arg in argv])
+    config = load_config(args.config)
+    apply_flags(config, args)
+    assert config.client.no_quorum_timeout_s == 3.0
+    assert config.client.call_timeout_s == 4.0
