@@ -174,20 +174,19 @@ def dataserver_table(servers: tuple[DataserverReport, ...] | list[DataserverRepo
     return table
 
 
-def matrix_table(counted: tuple[MatrixCell, ...], readable: tuple[MatrixCell, ...]) -> Table:
+def matrix_table(
+    counted: tuple[MatrixCell, ...], readable: tuple[MatrixCell, ...]
+) -> RenderableType:
     """Goal (rows) x good replicas (columns); ``(n)`` beside a count of replicas that
     count toward goals gives the count by readable replicas where it differs."""
+    if not counted and not readable:
+        return Text("no chunks yet")
     cells = {(c.goal, c.replicas): c.chunks for c in counted}
     readable_cells = {(c.goal, c.replicas): c.chunks for c in readable}
     goals = sorted({goal for goal, _ in cells} | {goal for goal, _ in readable_cells})
     top = max([r for _, r in cells] + [r for _, r in readable_cells] + [g for g in goals] + [0])
     columns = list(range(0, min(top, MATRIX_REPLICAS_MAX) + 1))
-    table = Table(
-        title="Chunks by goal (rows) and good replicas (columns)",
-        title_justify="left",
-        caption="replicas that count toward goals; (n): by replicas readable now",
-        caption_justify="left",
-    )
+    table = Table()
     table.add_column("goal", justify="right")
     for replicas in columns:
         label = f"{replicas}+" if replicas == MATRIX_REPLICAS_MAX else str(replicas)
@@ -205,7 +204,11 @@ def matrix_table(counted: tuple[MatrixCell, ...], readable: tuple[MatrixCell, ..
                 style = "blue"
             row.append(f"[{style}]{text}[/{style}]" if count or other else text)
         table.add_row(*row)
-    return table
+    title = Text(
+        "Chunks by goal (rows) and good replicas that count toward it (columns); "
+        "(n): by replicas readable now, where different"
+    )
+    return Group(title, table)
 
 
 def _chunk_summary(health: ClusterHealthReply) -> Text:
