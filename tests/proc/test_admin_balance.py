@@ -106,6 +106,12 @@ async def test_an_empty_dataserver_is_filled_by_balance_and_only_with_apply(
         assert on_disk(cluster) == stored
         text = await admin(cluster, "balance", "--threshold", str(THRESHOLD_PCT))
         assert text.returncode == 0 and "run again with --apply" in text.stdout
+        newcomer_id = f"{newcomer.dataserver_id:016x}"
+        without = await admin_json(
+            cluster, "balance", "--threshold", str(THRESHOLD_PCT), "--exclude", newcomer_id[:8]
+        )
+        assert without["plan"]["moves"] == []
+        assert newcomer_id not in {s["dataserver_id"] for s in without["plan"]["servers"]}
         assert on_disk(cluster) == stored
 
         # --apply under a tight bandwidth cap, interrupted: no chunk below its goal.
