@@ -302,7 +302,7 @@ def _tally(summary: FsckSummary, verdict: FileVerdict) -> None:
 # ---------------------------------------------------------------- printing
 
 
-def _replica_line(chunk: ChunkVerdict) -> list[str]:
+def _replica_lines(chunk: ChunkVerdict) -> list[str]:
     lines = []
     checks = {c.address: c for c in chunk.checks}
     for replica in chunk.status.replicas:
@@ -364,7 +364,7 @@ def print_fsck(
                 markup=False,
             )
             if locations:
-                for line in _replica_line(chunk):
+                for line in _replica_lines(chunk):
                     out.print(line, markup=False)
     summary = result.summary
     table = Table(title=f"fsck {result.path}", title_justify="left", show_header=False)
@@ -524,7 +524,7 @@ def print_fileinfo(path: str, view: FileView, verdicts: list[ChunkVerdict]) -> N
         if status.version != status.current_version:
             version += f" (v{status.version} opened)"
         health = verdict.health if verdict.ok else f"[red]{verdict.health}[/red]"
-        detail = "\n".join(line.strip() for line in _replica_line(verdict))
+        detail = "\n".join(line.strip() for line in _replica_lines(verdict))
         extra = list(verdict.problems) + list(verdict.notes)
         if extra:
             detail += "\n" + "\n".join(extra)

@@ -226,8 +226,9 @@ class FileChunksRequest:
 class ReplicaHealth:
     """One stored replica of a chunk.
 
-    ``stale``: an older version than the current one (garbage); ``counted``: it counts
-    toward the goal; ``deleting``: a delete of it is queued.
+    ``stale``: another version than the current one (an older one is garbage; a newer
+    one was never committed); ``counted``: it counts toward the goal; ``deleting``: a
+    delete of it is queued.
     """
 
     dataserver_id: DataserverId

@@ -82,8 +82,8 @@ def check_plan(
         assert used[move.source] >= low * capacity[move.source] - 1e-6
         assert used[move.target] <= high * capacity[move.target] + 1e-6
     for projection in plan.servers:
-        capacity = projection.capacity_bytes
-        assert abs(projection.planned_pct - 100 * used[projection.dataserver_id] / capacity) < 1e-9
+        planned = 100 * used[projection.dataserver_id] / projection.capacity_bytes
+        assert abs(projection.planned_pct - planned) < 1e-9
     # A server inside the band stays inside; the outside ones never multiply.
     for projection in plan.servers:
         if projection.dataserver_id not in plan.outside_before:

@@ -8,7 +8,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tools.admin import _size
@@ -157,8 +157,9 @@ def test_fsck_judges_goal_corruption_and_decommissioning_replicas() -> None:
         )
     )
     assert draining.ok and "being copied" in " ".join(draining.notes)
-    bad = judge_chunk(status(replica(A), replica(B), replica(C), replica(B + 10, corrupt=True)))
-    assert bad.problems == (f"corrupt replica on 127.0.0.1:{7000 + B + 10}",)
+    rotten = DataserverId(0xD)
+    bad = judge_chunk(status(replica(A), replica(B), replica(C), replica(rotten, corrupt=True)))
+    assert bad.problems == (f"corrupt replica on 127.0.0.1:{7000 + rotten}",)
     assert judge_chunk(status(health="missing")).problems == ("missing: no readable good replica",)
     writing = judge_chunk(status(replica(A), health="writing"))
     assert writing.ok and writing.notes == ("being written",)
