@@ -15,6 +15,7 @@ from tools.admin import _size
 from tools.admin_client import ReplicaRead
 from tools.admin_fsck import chunk_converged, compare_reads, judge_chunk
 from tools.admin_output import human_bytes, human_seconds, json_ready
+from tools.admin_servers import follow_drain
 from tools.cli import apply_flags, build_parser, main, subcommands
 from wire import schema
 from wire.cluster_admin_ops import (
@@ -27,6 +28,7 @@ from wire.cluster_admin_ops import (
     SET_DATASERVER_STATE,
     ChunkStatus,
     DataserverMode,
+    DataserverReport,
     MoveCommitRequest,
     MoveRequest,
     ReplicaHealth,
@@ -236,3 +238,52 @@ def test_the_config_and_setting_flags_work_before_and_after_the_action(
     apply_flags(config, args)
     assert config.client.no_quorum_timeout_s == 3.0
     assert config.client.call_timeout_s == 4.0
+
+
+class _ForgetfulLeader:
+    """Plays the leader for ``follow_drain``: a leader change forgets the decommission
+    once; the drain then finishes."""
+
+    def __init__(self) -> None:
+        self.modes: list[DataserverMode] = []
+        self.polls = 0
+
+    def report(self, state: str, drain: int) -> DataserverReport:
+        return DataserverReport(
+            A,
+            "127.0.0.1:7010",
+            state,
+            100,
+            50,
+            50,
+            4,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            drain,
+            drain * 10,
+            state == "decommissioning" and drain == 0,
+        )
+
+    async def dataservers(self) -> tuple[list[DataserverReport], bool]:
+        self.polls += 1
+        if self.polls == 2:
+            return [self.report("live", 0)], False  # a new leader: every server normal
+        return [self.report("decommissioning", max(0, 4 - self.polls))], False
+
+    async def set_mode(self, dataserver: DataserverId, mode: DataserverMode) -> DataserverReport:
+        self.modes.append(mode)
+        return self.report("decommissioning", 3)
+
+
+async def test_following_a_drain_sets_the_state_again_after_a_leader_forgot_it(
+    autojump_clock: object,
+) -> None:
+    leader = _ForgetfulLeader()
+    start = leader.report("decommissioning", 4)
+    done = await follow_drain(leader, start, 60.0, quiet=True)  # type: ignore[arg-type]
+    assert done.decommissioned
+    assert leader.modes == [DataserverMode.DECOMMISSION]
