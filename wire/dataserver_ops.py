@@ -394,5 +394,3 @@ class PeerConnections:
         self._connections.clear()
         for connection in connections:
             await connection.aclose()
-
-
