@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         """An action's parser; ``-c`` and the setting flags work after the action too
         (SUPPRESS: given there, they override ``paxfs admin``'s own; else they don't)."""
-        from tools.cli import _add_setting_flags
+        from tools.cli import add_setting_flags
 
         sub = actions.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help="TOML configuration file (default: $PAXFS_CONFIG)",
         )
         for section in SETTING_SECTIONS:
-            _add_setting_flags(sub, section)
+            add_setting_flags(sub, section)
         for argument in sub._actions:
             if argument.dest.startswith("setting:"):
                 argument.default = argparse.SUPPRESS

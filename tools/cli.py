@@ -45,7 +45,7 @@ def _flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, section_name: str) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, section_name: str) -> None:
     section_type = typing.get_type_hints(Config)[section_name]
     hints = typing.get_type_hints(section_type)
     group = parser.add_argument_group(f"[{section_name}] settings (override the config file)")
@@ -255,7 +255,7 @@ def build_parser(commands: Sequence[Subcommand]) -> argparse.ArgumentParser:
         )
         command.add_arguments(sub)
         for section in command.sections:
-            _add_setting_flags(sub, section)
+            add_setting_flags(sub, section)
     return parser
 
 
