@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -43,6 +42,7 @@ import trio
 
 from fuse_client.meta_client import MetaClient, open_meta_client
 from tests.lincheck import CheckResult, Model, Operation, check
+from tools.local_cluster import free_ports
 from wire.address import Address
 from wire.admin_ops import (
     GROUP_STATUS,
@@ -66,20 +66,6 @@ LOG_TAIL_CHARS = 4000
 
 FAST_ELECTIONS: dict[str, Any] = {"election_timeout_ms": 500, "heartbeat_interval_ms": 50}
 """Metaserver settings that make tests quick: elections in well under a second."""
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that were free on 127.0.0.1 a moment ago (all held at once, so distinct)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _toml_value(value: Any) -> str:
