@@ -47,6 +47,7 @@ from metaserver.cluster_state import (
     StateOptions,
     UnknownDataserver,
 )
+from metaserver.peers import peer_name
 from metaserver.replica import Replica
 from wire.cluster_ops import (
     FULL_REPORT,
@@ -207,7 +208,7 @@ class ClusterManager:
         """The background tasks; run until cancelled (they idle while not leader)."""
         async with trio.open_nursery() as nursery:
             self._peers = PeerConnections(
-                self._key, nursery, name=f"metaserver-{self._replica.node.node_id}"
+                self._key, nursery, name=peer_name(self._replica.node.node_id)
             )
             nursery.start_soon(self._tick_loop)
             nursery.start_soon(self._scan_loop)

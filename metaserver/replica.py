@@ -216,12 +216,14 @@ class Replica:
         self._heard_pending: dict[int, trio.Event] = {}
         self.leader_epoch = 0
         """Grows at every leader change this replica sees (cluster-manager epochs)."""
-        self.leader_changed = trio.Event()
-        """Set (and replaced) whenever the leader changes."""
         self.applied_commands = 0
         self.snapshots_taken = 0
         self.snapshot_serialised_at: tuple[float, float] = (0.0, 0.0)
         """When (trio clock) the last snapshot's serialisation started and ended."""
+        self._link_group()
+
+    def _link_group(self) -> None:
+        """Point the peer links at every member address the group knows."""
         for node_id, address in self.group.address_map().items():
             self._set_peer_address(node_id, parse_address(address))
 
@@ -635,8 +637,6 @@ class Replica:
     def _on_notice(self, notice: Any) -> None:
         if isinstance(notice, LeaderChanged):
             self.leader_epoch += 1
-            self.leader_changed.set()
-            self.leader_changed = trio.Event()
             log.info("leader is now %s (ballot %s)", notice.leader, notice.ballot)
             if notice.leader != self.node.node_id:
                 # Commands that got a slot may still be chosen, or not: let the clients
@@ -671,8 +671,7 @@ class Replica:
         _meta, namespace_bytes, group = decode_snapshot(blob)
         self.namespace = Namespace.restore(namespace_bytes)
         self.group = group
-        for node_id, address in group.address_map().items():
-            self._set_peer_address(node_id, parse_address(address))
+        self._link_group()
         self._backlog.clear()
         self.applied_index = meta.index
         self._release_reads()

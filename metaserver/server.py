@@ -58,7 +58,7 @@ from metaserver.paxos import (
     SnapshotMeta,
     initial_snapshot_meta,
 )
-from metaserver.peers import PeerLinks, deliver_handler
+from metaserver.peers import PeerLinks, deliver_handler, peer_name
 from metaserver.replica import Replica, ReplicaOptions
 from metaserver.storage import MetaStorage, StorageError, StorageOptions, open_storage
 from wire import schema
@@ -267,7 +267,7 @@ async def _check_identity(
 
 async def _ask_identity(address: Address, key: bytes, node_id: int) -> IdentityCheckReply:
     with trio.fail_after(IDENTITY_CHECK_CALL_TIMEOUT_S * 2):
-        async with open_connection(address, key, name=f"metaserver-{node_id}") as connection:
+        async with open_connection(address, key, name=peer_name(node_id)) as connection:
             reply: IdentityCheckReply = await connection.call(
                 IDENTITY_CHECK,
                 IdentityCheckRequest(node_id),
