@@ -118,11 +118,6 @@ class _DirHandle:
     """The cookie the page was fetched after."""
 
 
-@dataclass
-class _FileHandle:
-    file: OpenFile
-
-
 class GroupsCache:
     """Supplementary groups per process, read from /proc, remembered briefly (bounded)."""
 
@@ -166,7 +161,7 @@ class PaxfsOperations(pyfuse3.Operations):
         self.settings = settings
         self.lookups: dict[int, int] = {}
         self._cache_stamps: dict[int, tuple[int, int]] = {}
-        self._files: dict[int, _FileHandle] = {}
+        self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = itertools.count(1)
         self._groups = GroupsCache()
@@ -203,7 +198,7 @@ class PaxfsOperations(pyfuse3.Operations):
     def _new_fh(self) -> int:
         return next(self._next_fh)
 
-    def _file(self, fh: int) -> _FileHandle:
+    def _file(self, fh: int) -> OpenFile:
         handle = self._files.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -390,7 +385,7 @@ class PaxfsOperations(pyfuse3.Operations):
                 await handle.release()
             raise
         fh = self._new_fh()
-        self._files[fh] = _FileHandle(handle)
+        self._files[fh] = handle
         return self._file_info(fh, attr)
 
     @_handler
@@ -414,27 +409,27 @@ class PaxfsOperations(pyfuse3.Operations):
                 await handle.release()
             raise
         fh = self._new_fh()
-        self._files[fh] = _FileHandle(handle)
+        self._files[fh] = handle
         return self._file_info(fh, attr), self._remember(attr)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._file(fh).file.read(off, size)
+        return await self._file(fh).read(off, size)
 
     @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         """Buffered; errors of the write-back surface at flush, fsync or close."""
-        return await self._file(fh).file.write(off, buf)
+        return await self._file(fh).write(off, buf)
 
     @_handler
     async def flush(self, fh: int) -> None:
         """close(2): durable on every replica and published (close-to-open)."""
         handle = self._file(fh)
-        await handle.file.flush()
+        await handle.flush()
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._file(fh).file.fsync()
+        await self._file(fh).fsync()
 
     async def release(self, fh: int) -> None:
         """Publish what is left and give the open back.  Never raises (the kernel
@@ -443,15 +438,15 @@ class PaxfsOperations(pyfuse3.Operations):
         if handle is None:
             return
         try:
-            await handle.file.release()
-            committed = handle.file.state.committed_attr
+            await handle.release()
+            committed = handle.state.committed_attr
             if committed is not None and committed.ino in self.lookups:
                 # The kernel's page cache holds what this mount wrote (write-through).
                 self._cache_stamps[committed.ino] = (committed.mtime_ns, committed.size)
         except (RpcError, ChunkIoError, FileIoError) as error:
-            log.warning("release of inode %d: %s", handle.file.inode, error)
+            log.warning("release of inode %d: %s", handle.inode, error)
         except Exception:  # noqa: BLE001 - release must not take the mount down
-            log.exception("release of inode %d failed unexpectedly", handle.file.inode)
+            log.exception("release of inode %d failed unexpectedly", handle.inode)
 
     # ------------------------------------------------------------ directories
 
