@@ -73,6 +73,7 @@ from wire.ids import ChunkId, ChunkVersion, InodeId
 from wire.invariant import invariant
 from wire.namespace_ops import (
     COMMIT_CHUNKS_MAX,
+    ROOT_CREDENTIALS,
     Attr,
     AttrReply,
     ChunkWrite,
@@ -107,14 +108,14 @@ LOCATE_RETRIES_MAX = 2
 NO_REPLICA_DELAY_S_MIN = 0.05
 NO_REPLICA_DELAY_S_MAX = 1.0
 SYNCS_IN_FLIGHT_MAX = 16
+"""Chunks synced at once when a file with many dirty chunks is flushed."""
 SESSION_CHECK_INTERVAL_S = 0.5
+"""How often the client looks whether its metaserver session was reopened."""
 RELEASES_PENDING_MAX = 4096
 """Releases queued for the background sender; past it a release is sent at once."""
 RELEASES_IN_FLIGHT_MAX = 64
 RELEASE_LINGER_S = 0.005
 """How long the sender waits for more releases to join a batch."""
-"""How often the client looks whether its metaserver session was reopened."""
-"""Chunks synced at once when a file with many dirty chunks is flushed."""
 
 _REFRESH_CODES = frozenset({STALE_VERSION, TOKEN_REFUSED, errno.ENOENT})
 """Read errors after which the chunk's location is fetched again (another writer bumped
@@ -217,7 +218,6 @@ class _ActiveChunk:
     """A chunk version opened for writing since the last commit, and its writer."""
 
     index: int
-    writable: WritableChunk
     writer: ChunkWriter
     covered: int
     """Bytes from the chunk start that the replicas hold as file data: the committed
@@ -411,7 +411,7 @@ class FileClient:
         for state in list(self._files.values()):
             for _ in range(state.opens):
                 try:
-                    await self.meta.mutate(Open(state.inode), _ROOT)
+                    await self.meta.mutate(Open(state.inode), ROOT_CREDENTIALS)
                 except RpcError as error:
                     log.error(
                         "inode %d could not be opened again in the new session: %s",
@@ -488,10 +488,6 @@ class FileClient:
     def buffered_bytes(self) -> int:
         """Bytes held against ``write_buffer_bytes`` across the mount."""
         return self._buffered_bytes
-
-    @property
-    def open_inodes(self) -> int:
-        return len(self._files)
 
     # ------------------------------------------------------------ writing
 
@@ -588,7 +584,7 @@ class FileClient:
         if active is None:
             writable = await self._open_for_write_waiting(state.inode, index, credentials, ())
             writer = ChunkWriter(self.pool, _placement_of(writable))
-            active = _ActiveChunk(index, writable, writer, writable.length)
+            active = _ActiveChunk(index, writer, writable.length)
             state.active[index] = active
         return active
 
@@ -604,7 +600,7 @@ class FileClient:
 
         writable: WritableChunk = await self.meta.mutate(
             OpenChunk(inode, index),
-            credentials or _ROOT,
+            credentials or ROOT_CREDENTIALS,
             method=OPEN_FOR_WRITE,
             envelope=envelope,
         )
@@ -656,7 +652,6 @@ class FileClient:
                 writable = await self._open_for_write_waiting(
                     state.inode, active.index, credentials, excluded
                 )
-                active.writable = writable
                 await writer.retarget(_placement_of(writable))
         raise FileIoError(errno.EIO, f"inode {state.inode} chunk {active.index}: pipeline failed")
 
@@ -708,7 +703,7 @@ class FileClient:
         for first in range(0, len(writes), COMMIT_CHUNKS_MAX):
             reply = await self.meta.mutate(
                 CommitWrite(state.inode, tuple(writes[first : first + COMMIT_CHUNKS_MAX]), None),
-                credentials or _ROOT,
+                credentials or ROOT_CREDENTIALS,
             )
         for active in actives:
             self._account(-active.pushed_bytes)
@@ -839,9 +834,6 @@ class FileClient:
             log.warning("could not report a corrupt replica of chunk %#x: %s", chunk, error)
 
 
-_ROOT = Credentials(0, 0, ())
-
-
 def _stamp(attr: Attr) -> tuple[int, int, int]:
     return (attr.mtime_ns, attr.ctime_ns, attr.size)
 
@@ -942,7 +934,7 @@ async def open_file_client(
             ) as meta,
             DataserverPool.open(key, name=name) as pool,
         ):
-            counters: StatFsReply = await meta.query(StatFs(), _ROOT)
+            counters: StatFsReply = await meta.query(StatFs(), ROOT_CREDENTIALS)
             client = FileClient(
                 meta, pool, counters.chunk_size, settings or FileClientSettings.from_config(config)
             )
