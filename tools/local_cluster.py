@@ -31,8 +31,7 @@ from wire.admin_ops import GROUP_STATUS, GroupStatusRequest
 from wire.config import Config, ConfigError, load_config
 from wire.data_ops import SPACE, SpaceRequest
 from wire.errors import RpcError
-from wire.rpc import RpcConnection
-from wire.transport import connect, raise_single
+from wire.transport import open_connection
 
 CONFIG_NAME = "paxfs.toml"
 PROCESSES_NAME = "processes.json"
@@ -252,22 +251,10 @@ class Health:
 
 
 async def _call_once(address: Any, key: bytes, method: Any, request: Any) -> Any:
-    try:
-        return await _call_in_nursery(address, key, method, request)
-    except BaseExceptionGroup as group:
-        raise_single(group)
-
-
-async def _call_in_nursery(address: Any, key: bytes, method: Any, request: Any) -> Any:
-    async with trio.open_nursery() as nursery:
-        connection: RpcConnection = await connect(
-            address, key, nursery, name="cluster-status", timeout_s=PROBE_TIMEOUT_S
-        )
-        try:
-            return await connection.call(method, request, timeout_s=PROBE_TIMEOUT_S)
-        finally:
-            await connection.aclose()
-            nursery.cancel_scope.cancel()
+    async with open_connection(
+        address, key, name="cluster-status", timeout_s=PROBE_TIMEOUT_S
+    ) as connection:
+        return await connection.call(method, request, timeout_s=PROBE_TIMEOUT_S)
 
 
 async def probe(config: Config) -> Health:

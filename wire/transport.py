@@ -91,13 +91,14 @@ async def open_connection(
     name: str,
     handlers: Handlers = NO_HANDLERS,
     limits: FrameLimits = DEFAULT_LIMITS,
+    timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> AsyncIterator[RpcConnection]:
     """``async with open_connection(...) as connection:`` — closed on exit.
 
     Exceptions from the body propagate as themselves, not wrapped in an
     exception group by the nursery that runs the connection.
     """
-    connection = await _dial(address, key, name, handlers, limits, CONNECT_TIMEOUT_S)
+    connection = await _dial(address, key, name, handlers, limits, timeout_s)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.run)
