@@ -306,11 +306,6 @@ class ChunkWriter:
         with a new chunk altogether (as HDFS abandons a block whose pipeline never
         formed)."""
 
-    @property
-    def unacked_bytes(self) -> int:
-        """Bytes sent but not yet acknowledged by the whole chain (kept for re-sending)."""
-        return sum(len(piece.data) for piece in self._unacked)
-
     async def write(self, offset: int, data: Payload) -> None:
         """Queue ``data`` at ``offset`` (within the chunk); returns once it is in flight.
 

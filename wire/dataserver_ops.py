@@ -383,12 +383,6 @@ class PeerConnections:
                 del self._connecting[address]
             await oldest.aclose()
 
-    def forget(self, address: str) -> None:
-        """Drop the pooled connection to ``address`` (the next call dials anew)."""
-        connection = self._connections.pop(address, None)
-        if connection is not None:
-            self._nursery.start_soon(connection.aclose)
-
     async def aclose(self) -> None:
         connections = list(self._connections.values())
         self._connections.clear()

@@ -39,7 +39,7 @@ import trio
 
 from wire import schema
 from wire.errors import ConnectionLost, ProtocolError, RpcError
-from wire.framing import DEFAULT_LIMITS, FrameLimits, FrameReader, FrameWriter, Payload
+from wire.framing import FrameReader, FrameWriter, Payload
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,6 @@ class Handlers:
 
     def lookup(self, name: str) -> tuple[schema.Method[Any, Any], Handler] | None:
         return self._table.get(name)
-
-    def names(self) -> list[str]:
-        return sorted(self._table)
 
 
 NO_HANDLERS = Handlers()
@@ -142,7 +139,6 @@ class RpcConnection:
         handlers: Handlers = NO_HANDLERS,
         *,
         peer_name: str = "?",
-        limits: FrameLimits = DEFAULT_LIMITS,
         calls_in_flight_max: int = CALLS_IN_FLIGHT_MAX,
     ) -> None:
         self._stream = stream
@@ -150,7 +146,6 @@ class RpcConnection:
         self._writer = writer
         self._handlers = handlers
         self.peer_name = peer_name
-        self._limits = limits
         self._calls_in_flight_max = calls_in_flight_max
         self._call_ids = itertools.count(1)
         self._pending: dict[int, _PendingCall] = {}

@@ -80,7 +80,7 @@ async def _dial(
         await trio.aclose_forcefully(stream)
         raise RpcError(errno.ECONNRESET, f"handshake with {address} broke: {error}") from None
     reader.limits = limits
-    return RpcConnection(stream, reader, writer, handlers, peer_name=str(address), limits=limits)
+    return RpcConnection(stream, reader, writer, handlers, peer_name=str(address))
 
 
 @asynccontextmanager
@@ -146,7 +146,7 @@ async def serve(
             return
         reader.limits = limits
         connection = RpcConnection(
-            stream, reader, writer, handlers, peer_name=f"{peer_name}@{peer}", limits=limits
+            stream, reader, writer, handlers, peer_name=f"{peer_name}@{peer}"
         )
         async with trio.open_nursery() as nursery:
             if on_connection is not None:

@@ -70,7 +70,6 @@ async def _serve_then_feed(frames: list[bytes], service: EchoService) -> RpcConn
         FrameWriter(ours),
         service.handlers(),
         peer_name="fuzz",
-        limits=LIMITS,
     )
 
     async def drain() -> None:
