@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from wire.address import Address, parse_address
+from wire.dataserver_ops import PeerConnections
 from wire.errors import NOT_LEADER, RpcError
 from wire.ids import ClientId, SequenceNumber
 from wire.namespace_ops import (
@@ -41,7 +42,7 @@ from wire.namespace_ops import (
 )
 from wire.rpc import RpcConnection
 from wire.schema import Method
-from wire.transport import connect, raise_single
+from wire.transport import raise_single
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,10 @@ class MetaClient:
         if not addresses:
             raise ValueError("no metaserver addresses")
         self._addresses = list(addresses)
-        self._key = key
         self._nursery = nursery
-        self._name = name
         self._call_timeout_s = call_timeout_s
         self._no_quorum_timeout_s = no_quorum_timeout_s
-        self._connections: dict[Address, RpcConnection] = {}
-        self._connecting: dict[Address, trio.Lock] = {}
+        self._peers = PeerConnections(key, nursery, name=name, connect_timeout_s=call_timeout_s)
         self._leader: Address | None = None
         self._next_try = 0
         self._client: ClientId | None = None
@@ -240,31 +238,13 @@ class MetaClient:
         return address
 
     async def _connection(self, address: Address) -> RpcConnection:
-        connection = self._connections.get(address)
-        if connection is not None and not connection.closed:
-            return connection
-        lock = self._connecting.setdefault(address, trio.Lock())
-        async with lock:
-            connection = self._connections.get(address)
-            if connection is None or connection.closed:
-                connection = await connect(
-                    address,
-                    self._key,
-                    self._nursery,
-                    name=self._name,
-                    timeout_s=self._call_timeout_s,
-                )
-                self._connections[address] = connection
-            return connection
+        return await self._peers.get(str(address))
 
     async def _forget(self, address: Address) -> None:
-        connection = self._connections.pop(address, None)
-        if connection is not None:
-            await connection.aclose()
+        await self._peers.close(str(address))
 
     async def aclose(self) -> None:
-        for address in list(self._connections):
-            await self._forget(address)
+        await self._peers.aclose()
 
 
 def _closed_during_handshake(error: RpcError) -> bool:

@@ -321,8 +321,9 @@ Rep = TypeVar("Rep")
 
 
 class PeerConnections:
-    """One multiplexed connection per dataserver address, opened on first use and reopened
-    when it is found closed.  Used by clients and by dataservers forwarding in a pipeline.
+    """One multiplexed connection per peer address, opened on first use and reopened when
+    it is found closed.  Used by clients (to dataservers and to metaservers) and by
+    dataservers forwarding in a pipeline.
 
     Connections run in ``nursery``; :meth:`aclose` closes them all.  A call that fails to
     connect, or whose connection dies, raises :class:`RpcError` (ECONNREFUSED, ETIMEDOUT,
@@ -330,10 +331,18 @@ class PeerConnections:
     pipeline member whose connection died may have lost writes and must be named.
     """
 
-    def __init__(self, key: bytes, nursery: trio.Nursery, *, name: str) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        nursery: trio.Nursery,
+        *,
+        name: str,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self._key = key
         self._nursery = nursery
         self._name = name
+        self._connect_timeout_s = connect_timeout_s
         self._connections: OrderedDict[str, RpcConnection] = OrderedDict()
         self._connecting: dict[str, trio.Lock] = {}
 
@@ -353,7 +362,11 @@ class PeerConnections:
             except ValueError as error:
                 raise RpcError(errno.EINVAL, str(error)) from None
             connection = await connect(
-                target, self._key, self._nursery, name=self._name, timeout_s=CONNECT_TIMEOUT_S
+                target,
+                self._key,
+                self._nursery,
+                name=self._name,
+                timeout_s=self._connect_timeout_s,
             )
             self._connections[address] = connection
             self._connections.move_to_end(address)
@@ -382,6 +395,12 @@ class PeerConnections:
             if lock is not None and not lock.locked():
                 del self._connecting[address]
             await oldest.aclose()
+
+    async def close(self, address: str) -> None:
+        """Close the pooled connection to ``address`` (the next call dials anew)."""
+        connection = self._connections.pop(address, None)
+        if connection is not None:
+            await connection.aclose()
 
     async def aclose(self) -> None:
         connections = list(self._connections.values())
