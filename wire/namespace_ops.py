@@ -14,8 +14,8 @@ Three layers live here:
 * **Log commands**: what the leader proposes.  :class:`ClientCommand` wraps a client's
   :class:`MutationCall` with the leader's time; :class:`SessionCommand` carries session
   open / keep-alive / close; :class:`SystemCommand` carries what the leader proposes on
-  its own (session expiry, acknowledged chunk deletions).  :func:`encode_command` /
-  :func:`decode_command` turn them into log bytes and back.
+  its own (session expiry, acknowledged chunk deletions, dataserver modes an admin set).
+  :func:`encode_command` / :func:`decode_command` turn them into log bytes and back.
 
 Errors are values: a failed op returns :class:`NsError` (a POSIX errno) instead of its
 success reply; the server turns it into an RPC error with the same errno.
@@ -34,7 +34,8 @@ from typing import Any
 import msgpack
 
 from wire import schema
-from wire.ids import ChunkId, ChunkVersion, ClientId, InodeId, SequenceNumber
+from wire.cluster_admin_ops import DataserverMode
+from wire.ids import ChunkId, ChunkVersion, ClientId, DataserverId, InodeId, SequenceNumber
 from wire.schema import Method, message
 
 # ---------------------------------------------------------------- limits (the contract)
@@ -66,6 +67,11 @@ CHUNK_PAGE_MAX = 4096
 """Largest page of GetChunks, GetDeletions, ScanChunks, and largest AckDeletions batch."""
 COMMIT_CHUNKS_MAX = 1024
 """Chunk writes in one CommitWrite."""
+DATASERVER_MODES_MAX = 10_000
+"""Rows of the dataserver-mode table (as many as one leader registers dataservers);
+SetDataserverMode of a new row past it gives EUSERS."""
+DATASERVER_ADDRESS_MAX_BYTES = 300
+"""Longest address a dataserver-mode row keeps (a 255-byte host name, a port, brackets)."""
 READDIR_FIRST_COOKIE = 3
 """Cookies of real entries are >= 3; 0 starts a listing, 1 and 2 are free for the
 caller to give to ``.`` and ``..``."""
@@ -203,6 +209,18 @@ class DeletedChunk:
     version: ChunkVersion
 
 
+@dataclass(frozen=True)
+class DataserverModeEntry:
+    """A row of the replicated dataserver-mode table: an admin set ``mode``
+    (DECOMMISSION or MAINTENANCE, never NORMAL) on ``dataserver`` at ``since_ns`` (the
+    command's time), when it was last known at ``address``."""
+
+    dataserver: DataserverId
+    mode: DataserverMode
+    since_ns: int
+    address: str
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -336,6 +354,14 @@ class ChunkScanReply:
     next_inode: InodeId
     next_index: int
     done: bool
+
+
+@message("ns.dataserver_modes_reply")
+@dataclass(frozen=True)
+class DataserverModesReply:
+    """The whole dataserver-mode table (at most DATASERVER_MODES_MAX rows), by id."""
+
+    entries: tuple[DataserverModeEntry, ...]
 
 
 @message("ns.session_reply")
@@ -677,6 +703,12 @@ class ScanChunks:
     limit: int = CHUNK_PAGE_MAX
 
 
+@message("ns.get_dataserver_modes")
+@dataclass(frozen=True)
+class GetDataserverModes:
+    """The dataserver-mode table (for the cluster manager; no RPC method)."""
+
+
 # ---------------------------------------------------------------- session and system ops
 
 
@@ -719,6 +751,20 @@ class AckDeletions:
     entries: tuple[DeletedChunk, ...]
 
 
+@message("ns.set_dataserver_mode")
+@dataclass(frozen=True)
+class SetDataserverMode:
+    """An admin decommissions a dataserver or puts it in maintenance; NORMAL removes its
+    row (OK when there is none).  Setting the mode a row already has keeps its time, so
+    a retried command changes nothing.  EINVAL for an id outside 1..2**64-1 or an
+    address longer than DATASERVER_ADDRESS_MAX_BYTES; EUSERS for a new row past
+    DATASERVER_MODES_MAX (leader-proposed, from the admin RPC)."""
+
+    dataserver: DataserverId
+    mode: DataserverMode
+    address: str
+
+
 MutatingOp = (
     Mknod
     | Create
@@ -748,9 +794,10 @@ QueryOp = (
     | GetChunks
     | GetDeletions
     | ScanChunks
+    | GetDataserverModes
 )
 SessionOp = OpenSession | KeepAlive | CloseSession
-SystemOp = ExpireSessions | AckDeletions
+SystemOp = ExpireSessions | AckDeletions | SetDataserverMode
 Reply = (
     NsError
     | OkReply
@@ -767,6 +814,7 @@ Reply = (
     | ChunkScanReply
     | SessionReply
     | ExpireReply
+    | DataserverModesReply
 )
 
 

@@ -24,6 +24,7 @@ from wire.namespace_ops import (
 
 from ._cookies import cookie_of
 from ._nodes import CHUNK_FIELDS, DirNode, FileNode, Node, SpecialNode, SymlinkNode
+from ._ops_cluster import check_dataserver_modes
 from ._state import State
 
 TYPE_OF_CLASS = {
@@ -50,6 +51,7 @@ def check_state(state: State) -> None:
     _check_tree_is_rooted(state)
     _check_chunks(state)
     _check_sessions(state)
+    check_dataserver_modes(state)
     order = state.ino_order
     invariant(
         all(order[i] < order[i + 1] for i in range(len(order) - 1)),

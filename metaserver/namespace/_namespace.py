@@ -45,6 +45,7 @@ from wire.namespace_ops import (
     ExpireSessions,
     GetAttr,
     GetChunks,
+    GetDataserverModes,
     GetDeletions,
     GetXattr,
     KeepAlive,
@@ -70,6 +71,7 @@ from wire.namespace_ops import (
     SessionCommand,
     SessionReply,
     SetAttr,
+    SetDataserverMode,
     SetGoal,
     SetXattr,
     StatFs,
@@ -78,7 +80,7 @@ from wire.namespace_ops import (
     Unlink,
 )
 
-from . import _ops_attrs, _ops_data, _ops_tree, _snapshot
+from . import _ops_attrs, _ops_cluster, _ops_data, _ops_tree, _snapshot
 from ._check import check_state
 from ._nodes import DirNode
 from ._state import ID_MAX, INT64_MAX, INT64_MIN, Context, NamespaceConfig, OpError, Session, State
@@ -114,6 +116,7 @@ QUERIES: dict[type, Handler] = {
     GetChunks: _ops_data.get_chunks,
     GetDeletions: _ops_data.get_deletions,
     ScanChunks: _ops_data.scan_chunks,
+    GetDataserverModes: _ops_cluster.get_dataserver_modes,
 }
 
 OK = OkReply()
@@ -269,6 +272,8 @@ class Namespace:
                 if queued is not None and queued <= entry.version:
                     del deletions[entry.chunk]
             return OK
+        if type(op) is SetDataserverMode:
+            return _ops_cluster.set_dataserver_mode(state, command.time_ns, op)
         return INVALID
 
     # ------------------------------------------------------------ leader helpers

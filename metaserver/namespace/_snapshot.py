@@ -8,7 +8,10 @@ piecewise, so a million-inode namespace never exists as one giant Python list.
 
 Layout: header ``["paxfs-namespace", FORMAT]``, config, allocators, inode count, one
 record per inode, deletion count and batches, session count, one record per session,
-``"end"``.
+the dataserver-mode table (one record, rows by id; since format 2), ``"end"``.
+
+Format 1 (before the dataserver-mode table) still loads, with an empty table: a data
+directory written by an older paxfs keeps working, and every dataserver starts normal.
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ import msgpack
 import zstandard
 
 from wire import schema
+from wire.cluster_admin_ops import DataserverMode
+from wire.ids import DataserverId
 from wire.invariant import InvariantViolation
-from wire.namespace_ops import REPLY_TYPES
+from wire.namespace_ops import DATASERVER_MODES_MAX, REPLY_TYPES, DataserverModeEntry
 
 from ._check import check_state
 from ._nodes import DirNode, FileNode, Node, SpecialNode, SymlinkNode
+from ._ops_cluster import valid_row
 from ._state import NamespaceConfig, Session, State
 
 MAGIC = "paxfs-namespace"
-FORMAT = 1
+FORMAT = 2
+FORMATS_LOADED = (1, 2)
 TRAILER = "end"
 ZSTD_LEVEL = 3
 PIECE_BYTES_MIN = 1 << 20
@@ -129,6 +136,8 @@ def canonical_pieces(state: State) -> Iterator[bytes]:
         yield len(state.sessions)
         for client in sorted(state.sessions):
             yield _session_record(state.sessions[client])
+        modes = state.dataserver_modes
+        yield [[ds, int(row.mode), row.since_ns, row.address] for ds, row in sorted(modes.items())]
         yield TRAILER
 
     for record in records():
@@ -201,8 +210,11 @@ def restore(data: bytes) -> State:
 def _load(read: Callable[[], Any]) -> State:
     header = read()
     _expect(isinstance(header, list) and len(header) == 2 and header[0] == MAGIC, "no header")
-    if header[1] != FORMAT:
-        raise SnapshotError(f"snapshot format {header[1]!r} is not {FORMAT} (newer paxfs?)")
+    snapshot_format = header[1]
+    if snapshot_format not in FORMATS_LOADED:
+        raise SnapshotError(
+            f"snapshot format {snapshot_format!r} is not one of {FORMATS_LOADED} (newer paxfs?)"
+        )
     config_fields = read()
     _expect(isinstance(config_fields, list), "config")
     state = State(NamespaceConfig(*config_fields))
@@ -245,6 +257,8 @@ def _load(read: Callable[[], Any]) -> State:
     _expect(_is_int(sessions), "session count")
     for _ in range(sessions):
         _load_session(state, read())
+    if snapshot_format >= 2:
+        _load_dataserver_modes(state, read())
     _expect(read() == TRAILER, "missing trailer (truncated?)")
     _recount(state)
     return state
@@ -318,6 +332,18 @@ def _load_session(state: State, record: Any) -> None:
         state.open_counts[ino] = state.open_counts.get(ino, 0) + count
     _expect(client not in state.sessions, f"session {client} twice")
     state.sessions[client] = session
+
+
+def _load_dataserver_modes(state: State, rows: Any) -> None:
+    _expect(type(rows) is list and len(rows) <= DATASERVER_MODES_MAX, "dataserver-mode table")
+    for row in rows:
+        _expect(type(row) is list and len(row) == 4, "dataserver-mode row")
+        ds, mode, since_ns, address = row
+        _expect(valid_row(ds, mode, since_ns, address), f"dataserver-mode row {ds!r}")
+        _expect(ds not in state.dataserver_modes, f"dataserver {ds} has two mode rows")
+        state.dataserver_modes[ds] = DataserverModeEntry(
+            DataserverId(ds), DataserverMode(mode), since_ns, address
+        )
 
 
 def _recount(state: State) -> None:

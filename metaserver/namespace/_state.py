@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from wire.ids import ROOT_INODE, ChunkId, ChunkVersion
 from wire.invariant import invariant
-from wire.namespace_ops import GOAL_MAX, Credentials, DeletedChunk, Reply
+from wire.namespace_ops import GOAL_MAX, Credentials, DataserverModeEntry, DeletedChunk, Reply
 
 from ._nodes import CHUNK_FIELDS, DirNode, FileNode, Node
 
@@ -124,6 +124,7 @@ class State:
         self.deletions: dict[int, int] = {}
         self.open_counts: dict[int, int] = {}
         self.sessions: dict[int, Session] = {}
+        self.dataserver_modes: dict[int, DataserverModeEntry] = {}
         self.files = 0
         self.directories = 0
         self.chunk_count = 0

@@ -18,7 +18,16 @@ from metaserver.namespace import (
     decode_command,
     encode_command,
 )
-from wire.ids import ROOT_INODE, ChunkId, ChunkVersion, ClientId, InodeId, SequenceNumber
+from wire.cluster_admin_ops import DataserverMode
+from wire.ids import (
+    ROOT_INODE,
+    ChunkId,
+    ChunkVersion,
+    ClientId,
+    DataserverId,
+    InodeId,
+    SequenceNumber,
+)
 from wire.namespace_ops import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -52,6 +61,7 @@ from wire.namespace_ops import (
     SessionCommand,
     SessionReply,
     SetAttr,
+    SetDataserverMode,
     SetGoal,
     SetXattr,
     Symlink,
@@ -97,6 +107,11 @@ class CommandGenerator:
                 for _ in range(rng.randrange(4))
             )
             return SystemCommand(self.now_ns, AckDeletions(entries))
+        if roll < 0.055:
+            mode = rng.choice(list(DataserverMode))
+            address = f"127.0.0.1:{rng.randrange(1, 4)}"
+            op = SetDataserverMode(DataserverId(rng.randrange(4)), mode, address)
+            return SystemCommand(self.now_ns, op)
         if roll < 0.1 and client in self.last:
             retry = self.last[client]  # the client lost the reply and resends
             return ClientCommand(self.now_ns, retry.call)
