@@ -2,11 +2,15 @@
 
 Run ``python -m benchmarks.bench_chunk_io [--size-mib N]``.  Starts 3 dataserver
 processes on loopback (and the test harness's stand-in metaserver), writes a file of
-``--size-mib`` (default 1024) with replication 1 and then 3 through
+``--size-mib`` (default 1024) with replication 1 and then 3 (or ``--replication N``) through
 :class:`fuse_client.chunk_io.PlacedFile` (close = sync on every replica), drops the
 replica files from the page cache, and reads the file back sequentially.  Beside it, the
 local disk's own sequential write (ending in fsync) and read of the same size in the same
 directory, measured in the same run; the figures are quoted as ratios to those.
+
+Since the machine is shared and wall-clock figures swing, each phase also reports CPU time
+per MiB: of the client process (``time.process_time``) and of every dataserver process
+(user + system time from ``/proc/PID/stat``), which judges a change far more steadily.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +37,46 @@ CHUNK_BYTES = 64 * MIB
 IO_BYTES = 64 * MIB
 READ_BYTES = 8 * MIB
 READAHEAD_BYTES = 32 * MIB
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process (of this machine) has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime field 14 and stime field 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One measured phase: throughput and CPU milliseconds per MiB in each process."""
+
+    mib_s: float
+    client_cpu_ms_per_mib: float
+    server_cpu_ms_per_mib: tuple[float, ...]
+
+
+class CpuMeter:
+    """CPU time of the client and of each dataserver across one phase."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._pids = [server.process.pid for server in cluster.dataservers]
+        self._client = time.process_time()
+        self._servers = [process_cpu_s(pid) for pid in self._pids]
+        self._started = time.perf_counter()
+
+    def phase(self, size_bytes: int) -> Phase:
+        elapsed_s = time.perf_counter() - self._started
+        size_mib = size_bytes / MIB
+        client_s = time.process_time() - self._client
+        servers_s = [
+            process_cpu_s(pid) - was for pid, was in zip(self._pids, self._servers, strict=True)
+        ]
+        return Phase(
+            size_mib / elapsed_s,
+            1000 * client_s / size_mib,
+            tuple(1000 * spent / size_mib for spent in servers_s),
+        )
 
 
 def drop_cache(path: Path) -> None:
@@ -72,16 +117,16 @@ def disk_baseline(directory: Path, data: bytes) -> tuple[float, float]:
     return size_mib / write_s, size_mib / read_s
 
 
-async def through_cluster(cluster: Cluster, replication: int, data: bytes) -> tuple[float, float]:
-    """(write MiB/s to durable on every replica, cold sequential read MiB/s)."""
+async def through_cluster(cluster: Cluster, replication: int, data: bytes) -> tuple[Phase, Phase]:
+    """(write to durable on every replica, cold sequential read)."""
     cluster.meta.replication = replication
     file = PlacedFile(cluster.pool, CHUNK_BYTES, cluster.meta, readahead_bytes=READAHEAD_BYTES)
     view = memoryview(data)
-    started = time.perf_counter()
+    meter = CpuMeter(cluster)
     for start in range(0, len(data), IO_BYTES):
         await file.write(start, view[start : start + IO_BYTES])
     placements = await file.sync()
-    write_s = time.perf_counter() - started
+    write = meter.phase(len(data))
     assert all(len(p.replicas) == replication for p in placements.values())
     for server in cluster.dataservers:
         for path in (server.data_dir / "chunks").glob("chunk_*"):
@@ -95,19 +140,20 @@ async def through_cluster(cluster: Cluster, replication: int, data: bytes) -> tu
         readahead_bytes=READAHEAD_BYTES,
     )
     checksum = 0
-    started = time.perf_counter()
+    meter = CpuMeter(cluster)
     for start in range(0, len(data), READ_BYTES):
         checksum = crc32c.crc32c(await reader.read(start, READ_BYTES), checksum)
-    read_s = time.perf_counter() - started
+    read = meter.phase(len(data))
     if checksum != crc32c.crc32c(data):
         raise SystemExit("read back different data")
-    size_mib = len(data) / MIB
-    return size_mib / write_s, size_mib / read_s
+    return write, read
 
 
-async def run_cluster_benchmark(directory: Path, data: bytes) -> dict[int, tuple[float, float]]:
+async def run_cluster_benchmark(
+    directory: Path, data: bytes, replications: list[int]
+) -> dict[int, tuple[Phase, Phase]]:
     meta = FakeMetaserver()
-    results: dict[int, tuple[float, float]] = {}
+    results: dict[int, tuple[Phase, Phase]] = {}
     from fuse_client.chunk_io import DataserverPool
 
     async with trio.open_nursery() as nursery:
@@ -121,7 +167,7 @@ async def run_cluster_benchmark(directory: Path, data: bytes) -> dict[int, tuple
                     cluster.spawn(f"ds{position}", chunk_size_bytes=CHUNK_BYTES)
                 for server in cluster.dataservers:
                     await cluster.started(server)
-                for replication in (1, 3):
+                for replication in replications:
                     results[replication] = await through_cluster(cluster, replication, data)
             finally:
                 cluster.stop_all()
@@ -133,13 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
     parser.add_argument("--dir", default=None, help="where to put data (default: a temp dir)")
+    parser.add_argument(
+        "--replication",
+        type=int,
+        action="append",
+        choices=(1, 2, 3),
+        help="replication to measure (repeatable; default 1 and 3)",
+    )
     args = parser.parse_args(argv)
     size = args.size_mib * MIB
     data = os.urandom(size)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="paxfs-bench-") as temp:
         directory = Path(temp)
         disk_write, disk_read = disk_baseline(directory, data)
-        results = trio.run(run_cluster_benchmark, directory, data)
+        results = trio.run(run_cluster_benchmark, directory, data, args.replication or [1, 3])
     print(
         f"sequential I/O of a {args.size_mib} MiB file, 3 dataservers on loopback, "
         f"{CHUNK_BYTES // MIB} MiB chunks, {os.cpu_count()} cores"
@@ -150,10 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     for replication, (write, read) in results.items():
         print(
-            f"replication {replication}           write+sync  {write:8,.0f} MiB/s"
-            f" ({write / disk_write:4.2f} x disk)   read {read:8,.0f} MiB/s"
-            f" ({read / disk_read:4.2f} x disk)"
+            f"replication {replication}           write+sync  {write.mib_s:8,.0f} MiB/s"
+            f" ({write.mib_s / disk_write:4.2f} x disk)   read {read.mib_s:8,.0f} MiB/s"
+            f" ({read.mib_s / disk_read:4.2f} x disk)"
         )
+    print("CPU ms per MiB          client   dataservers (each)")
+    for replication, phases in results.items():
+        for name, phase in zip(("write", "read"), phases, strict=True):
+            servers = " ".join(f"{spent:5.2f}" for spent in phase.server_cpu_ms_per_mib)
+            print(
+                f"replication {replication} {name:<5}     {phase.client_cpu_ms_per_mib:5.2f}"
+                f"   {sum(phase.server_cpu_ms_per_mib):5.2f} ({servers})"
+            )
     return 0
 
 

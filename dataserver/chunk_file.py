@@ -28,6 +28,11 @@ Why a crash never loses synced data and never yields torn data as good data:
 6. *Every read checks.* The CRC32C of the stored bytes is verified on every read, so bit rot,
    lost or misdirected writes surface as :class:`ChecksumError` naming the block.
 
+7. *Write-behind changes no durability.* Written ranges are handed to writeback early and
+   dropped from the page cache behind the writer (:mod:`dataserver.write_behind`), but
+   only ``fdatasync`` in :meth:`ChunkFile.sync` makes anything durable, and a writeback
+   error met early fails that sync as a failed ``fdatasync`` would.
+
 So after a crash a replica reads back, block by block, as of its last sync or (for blocks
 written since) with their new content; never torn bytes, never another block's loss.
 """
@@ -65,6 +70,7 @@ from dataserver.block_format import (
     layout_for_capacity,
 )
 from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
+from dataserver.write_behind import WriteBehind
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
 
@@ -185,6 +191,7 @@ class ChunkFile:
         self._header_dirty = False
         self._writes_unsynced = False
         self._punch_supported = True
+        self._write_behind = WriteBehind(fd)
 
     # ---- opening and closing -------------------------------------------------------------
 
@@ -472,7 +479,9 @@ class ChunkFile:
             for lo in range(0, len(run), BLOCK_SIZE_BYTES)
         ]
         self._writes_unsynced = True
-        _pwrite_all(self.fd, run, self.layout.slot_offset(first, slot))
+        offset = self.layout.slot_offset(first, slot)
+        _pwrite_all(self.fd, run, offset)
+        self._write_behind.written(offset, len(run))
         for block, crc in zip(range(first, stop), crcs, strict=True):
             self._set_entry(block, BlockEntry(slot, False, BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES, crc))
         self._extend_length(stop * BLOCK_SIZE_BYTES)
@@ -502,7 +511,10 @@ class ChunkFile:
         slot = self._target_slot(block)
         crc = crc32c.crc32c(payload)
         self._writes_unsynced = True
-        _pwrite_all(self.fd, payload, self.layout.slot_offset(block, slot))
+        offset = self.layout.slot_offset(block, slot)
+        _pwrite_all(self.fd, payload, offset)
+        # The whole slot, so that the slots of neighbouring blocks make one range.
+        self._write_behind.written(offset, BLOCK_SIZE_BYTES)
         self._set_entry(block, BlockEntry(slot, compressed, len(payload), data_len, crc))
 
     def write_raw_block(self, raw: RawBlock) -> None:
@@ -582,12 +594,17 @@ class ChunkFile:
         """Make every write and truncate so far durable (see the module docstring for order).
 
         An ``OSError`` from ``fdatasync`` leaves the file in an unknown state: the caller must
-        stop using it (a failed fsync is never retried)."""
+        stop using it (a failed fsync is never retried). So does a writeback error that
+        write-behind met earlier (see :mod:`dataserver.write_behind`)."""
+        failed = self._write_behind.error
+        if failed is not None:
+            raise OSError(failed.errno, f"writeback failed: {failed.strerror}")
         if not self.has_unsynced_changes:
             return
         if self._writes_unsynced:
             os.fdatasync(self.fd)
             self._writes_unsynced = False
+            self._write_behind.synced()
         self._failpoint("sync:data_synced")
         if self._dirty_blocks or self._header_dirty:
             self._check_entries_within_length()
