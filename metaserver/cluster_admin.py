@@ -6,7 +6,7 @@ Served by the leader only, from the soft state of the current reign
 Rules of this file:
 
 1. **The core decides.**  Admin actions change the soft state only through the core's
-   public methods (``set_admin_state``, ``probed``, ``release_replica``), so its safety
+   public methods (``install_admin_modes``, ``probed``, ``release_replica``), so its safety
    rules hold for them too: nothing is deleted in safe mode, and a balancer move releases
    its source only while the chunk keeps its goal of counted replicas without it.
 2. **Counted as the core counts.**  A replica counts toward a goal when it is a good
@@ -59,7 +59,6 @@ from wire.cluster_admin_ops import (
     ChunkStatus,
     ClusterHealthReply,
     ClusterHealthRequest,
-    DataserverMode,
     DataserverPage,
     DataserverReport,
     FileChunksReply,
@@ -107,11 +106,6 @@ MOVE_HOLD_RATE_BYTES_S = 4 * MIB
 """A balancer move holds its chunk's trims for base + length / rate; a move not
 committed by then has its extra copy trimmed like any over-replication."""
 
-_MODES: dict[DataserverMode, ServerState | None] = {
-    DataserverMode.NORMAL: None,
-    DataserverMode.DECOMMISSION: ServerState.DECOMMISSIONING,
-    DataserverMode.MAINTENANCE: ServerState.MAINTENANCE,
-}
 _YOUNG_LEADER = "a new metaserver leader is collecting chunk reports; retry"
 
 
@@ -480,7 +474,7 @@ class ClusterAdmin:
     async def _handle_set_state(
         self, request: SetDataserverStateRequest, _context: CallContext
     ) -> DataserverReport:
-        self._manager.set_admin_state(request.dataserver_id, _MODES[request.mode])
+        await self._manager.set_admin_mode(request.dataserver_id, request.mode)
         state = self._manager.state()
         now_s = trio.current_time()
         status = next(

@@ -12,6 +12,11 @@ this module is its trio shell:
   moved), a fresh ``ClusterState`` starts empty, in safe mode; its epoch, sent to
   dataservers, is derived from the leader's ballot, so it differs between any two reigns
   of the group and every dataserver re-registers and sends a full report.
+* **Dataserver modes are durable.**  Decommission and maintenance live in the
+  namespace's replicated table (``SetDataserverMode`` through the log, answered once
+  committed); every reign installs that table (after a linearizable read) at once and
+  again every tick, so a new leader carries on a drain and keeps a dataserver in
+  maintenance from being re-replicated.
 * **Background tasks while leader**: a tick (dead dataservers, re-examination of changed
   chunks, copies within ``[metaserver] replication_rate_mib_s``), namespace scans (the
   chunk view: version, length and goal of every referenced chunk), and the drain of the
@@ -43,12 +48,12 @@ from metaserver.cluster_state import (
     ClusterState,
     DataserverStatus,
     RequestRefused,
-    ServerState,
     StateOptions,
     UnknownDataserver,
 )
 from metaserver.peers import peer_name
 from metaserver.replica import Replica
+from wire.cluster_admin_ops import DataserverMode
 from wire.cluster_ops import (
     FULL_REPORT,
     HEARTBEAT,
@@ -98,11 +103,15 @@ from wire.namespace_ops import (
     ChunkReply,
     ChunkScanReply,
     ClientCommand,
+    DataserverModeEntry,
+    DataserverModesReply,
     DeletionsReply,
     GetChunks,
+    GetDataserverModes,
     GetDeletions,
     OpenChunk,
     ScanChunks,
+    SetDataserverMode,
     SystemCommand,
 )
 from wire.rpc import CallContext, Handlers
@@ -190,6 +199,11 @@ class ClusterManager:
         self._reign: int | None = None
         self._peers: PeerConnections | None = None
         self._last_summary: tuple[int, ...] = ()
+        self._reign_began = trio.Event()
+        self._installed_modes: tuple[ClusterState | None, tuple[DataserverModeEntry, ...]] = (
+            None,
+            (),
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -213,6 +227,7 @@ class ClusterManager:
             nursery.start_soon(self._tick_loop)
             nursery.start_soon(self._scan_loop)
             nursery.start_soon(self._deletion_loop)
+            nursery.start_soon(self._modes_loop)
 
     def counters(self) -> ClusterCounters | None:
         """The health counters of the current reign (None when not leader)."""
@@ -224,14 +239,23 @@ class ClusterManager:
         state = self._state_if_leader()
         return None if state is None else state.dataservers(trio.current_time())
 
-    def set_admin_state(self, dataserver: DataserverId, state: ServerState | None) -> None:
-        """Decommission a dataserver or put it in maintenance (None: back to normal).
-
-        Soft state like the rest: a new leader starts with every dataserver normal."""
-        try:
-            self._current().set_admin_state(dataserver, state)
-        except UnknownDataserver as error:
-            raise RpcError(errno.ENOENT, str(error)) from None
+    async def set_admin_mode(self, dataserver: DataserverId, mode: DataserverMode) -> None:
+        """Decommission a dataserver, put it in maintenance, or make it normal again:
+        through the log, so that every later reign keeps it; returns once committed and
+        installed in this reign.  ENOENT for a dataserver neither registered in this reign
+        nor in the mode table."""
+        state = self._current()
+        rows = {row.dataserver: row for row in self._mode_rows()}
+        if dataserver in state.servers:
+            address = state.servers[dataserver].address
+        elif dataserver in rows:
+            address = rows[dataserver].address
+        else:
+            raise RpcError(errno.ENOENT, f"dataserver {dataserver:#x} is not registered")
+        command = SystemCommand(time.time_ns(), SetDataserverMode(dataserver, mode, address))
+        reply_or_raise(await self._replica.submit(command))
+        log.info("dataserver %016x: mode %s committed", dataserver, mode.name.lower())
+        await self._install_modes(self._current())
 
     def state(self) -> ClusterState:
         """The soft state of the current reign, for the admin handlers of
@@ -260,7 +284,9 @@ class ClusterManager:
                 started_s=trio.current_time(),
                 rng=self._rng,
                 read_token=self._read_token,
+                admin_modes=None,
             )
+            self._reign_began.set()
             log.info(
                 "leading the cluster (epoch %#x); safe mode for %.1f s",
                 self._state.epoch,
@@ -639,6 +665,49 @@ class ClusterManager:
                 await self._replica.submit(SystemCommand(time.time_ns(), AckDeletions(tuple(acks))))
             )
             log.info("acknowledged %d deleted chunks (%d queued)", len(acks), page.total)
+
+    async def _modes_loop(self) -> None:
+        """Install the mode table in each reign as soon as it begins, then every tick."""
+        while True:
+            with trio.move_on_after(self._options.tick_s):
+                await self._reign_began.wait()
+            self._reign_began = trio.Event()
+            state = self._state_if_leader()
+            if state is None:
+                continue
+            try:
+                await self._install_modes(state)
+            except RpcError as error:
+                log.debug("dataserver modes not installed: %s", error)
+            except Exception:
+                self._lose_state("installing dataserver modes", state)
+
+    def _mode_rows(self) -> tuple[DataserverModeEntry, ...]:
+        """The mode table as this replica applied it."""
+        reply = reply_or_raise(
+            self._replica.namespace.query(GetDataserverModes(), ROOT_CREDENTIALS)
+        )
+        invariant(
+            isinstance(reply, DataserverModesReply), "GetDataserverModes answered another type"
+        )
+        entries: tuple[DataserverModeEntry, ...] = reply.entries
+        return entries
+
+    async def _install_modes(self, state: ClusterState) -> None:
+        """Hand ``state`` the mode table as a linearizable read sees it (when it changed)."""
+        await self._replica.confirm_read()
+        if self._state is not state:
+            return
+        rows = self._mode_rows()
+        if self._installed_modes == (state, rows):
+            return
+        state.install_admin_modes(rows, trio.current_time())
+        self._installed_modes = (state, rows)
+        log.info(
+            "dataserver modes: %s",
+            ", ".join(f"{row.dataserver:016x} {row.mode.name.lower()}" for row in rows)
+            or "all normal",
+        )
 
     def _lose_state(self, doing: str, state: ClusterState) -> None:
         """A bug surfaced while ``doing``: log it and start the reign's soft state afresh

@@ -9,10 +9,14 @@ Rules of this file:
    reports, namespace scans and deletion-queue pages, and carries out what it decides.
 2. **Soft state, one reign.**  One :class:`ClusterState` lives for one leader's reign and
    is rebuilt from registrations and full reports after every leader change (like HDFS
-   block locations).  Nothing here is written to the Paxos log.
-3. **Safe mode first.**  Until ``grace_s`` after the reign began *and* one complete
-   namespace scan has been installed, nothing is deleted and nothing is copied: a new
-   leader does not act on a map that reports have not filled yet.
+   block locations).  Nothing here is written to the Paxos log; the one durable input,
+   the admins' dataserver modes, is handed in from the namespace's replicated table
+   (:meth:`ClusterState.install_admin_modes`), and a dataserver in that table is known to
+   the reign (in its mode) before it registers.
+3. **Safe mode first.**  Until ``grace_s`` after the reign began, one complete namespace
+   scan has been installed *and* the dataserver modes have been installed, nothing is
+   deleted and nothing is copied: a new leader does not act on a map that reports have
+   not filled yet.
 4. **Never the last good replica.**  A replica of a referenced chunk is deleted only when
    a good (current-version, not corrupt) replica of that chunk is readable elsewhere;
    over-replication trims never go below the goal; a client's bad-replica report cannot
@@ -23,6 +27,11 @@ Rules of this file:
    pipeline write would be a replica of the right version with the wrong bytes.
 6. **Bounded.**  Command queues, report batches, copies per server and the work of one
    :meth:`ClusterState.plan` call all have named limits.
+7. **Maintenance outlives the reign.**  A dataserver in maintenance that has not sent a
+   full report in this reign (it is down for its maintenance) may hold any chunk: each
+   chunk with a readable good replica is presumed to have one replica on each such
+   server, up to its goal, so its silence causes no re-replication after a leader
+   change either.  The presumption ends with its full report or with its mode.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from dataclasses import dataclass, field, replace
 
 from metaserver.placement import Candidate, choose_targets
 from wire.address import parse_address
+from wire.cluster_admin_ops import DataserverMode
 from wire.cluster_ops import (
     HEARTBEAT_COMMANDS_MAX,
     DeleteReplica,
@@ -49,7 +59,7 @@ from wire.cluster_ops import (
 )
 from wire.ids import ChunkId, ChunkVersion, DataserverId
 from wire.invariant import invariant
-from wire.namespace_ops import DeletedChunk
+from wire.namespace_ops import DataserverModeEntry, DeletedChunk
 from wire.tokens import ChunkToken
 
 DATASERVERS_MAX = 10_000
@@ -97,6 +107,13 @@ class ServerState(enum.Enum):
 READABLE_STATES = frozenset({ServerState.LIVE, ServerState.DECOMMISSIONING})
 COUNTED_STATES = frozenset({ServerState.LIVE, ServerState.MAINTENANCE})
 ADMIN_STATES = frozenset({ServerState.DECOMMISSIONING, ServerState.MAINTENANCE})
+ADMIN_STATE_OF_MODE: dict[DataserverMode, ServerState | None] = {
+    DataserverMode.NORMAL: None,
+    DataserverMode.DECOMMISSION: ServerState.DECOMMISSIONING,
+    DataserverMode.MAINTENANCE: ServerState.MAINTENANCE,
+}
+UNREGISTERED_INCARNATION = -1
+"""The incarnation of a dataserver known only from the mode table (none is negative)."""
 
 
 class ChunkHealth(enum.Enum):
@@ -208,7 +225,8 @@ class _PendingReport:
 
 @dataclass
 class ServerRecord:
-    """One registered dataserver, as this reign knows it."""
+    """One dataserver, as this reign knows it: registered, or (``registered`` False)
+    known only from the mode table, silent, with the address the table remembers."""
 
     dataserver_id: DataserverId
     address: str
@@ -229,6 +247,7 @@ class ServerRecord:
     copies_in: int = 0
     copies_out: int = 0
     pending_report: _PendingReport | None = None
+    registered: bool = True
 
     @property
     def state(self) -> ServerState:
@@ -305,7 +324,10 @@ class ClusterState:
         started_s: float,
         rng: random.Random,
         read_token: ReadToken,
+        admin_modes: Iterable[DataserverModeEntry] | None,
     ) -> None:
+        """``admin_modes``: the namespace's dataserver-mode table, or None while it has not
+        been read yet (the reign stays in safe mode until :meth:`install_admin_modes`)."""
         self.options = options
         self.epoch = epoch
         self.started_s = started_s
@@ -338,6 +360,11 @@ class ClusterState:
         self.bytes_copied = 0
         self.deletes_sent = 0
         self.deletion_queue = 0
+        self.admin_modes_installed = False
+        self._held_for_maintenance: dict[ChunkId, None] = {}
+        self._maintenance_unreported = 0
+        if admin_modes is not None:
+            self.install_admin_modes(admin_modes, started_s)
 
     # ------------------------------------------------------------------ registry
 
@@ -354,6 +381,7 @@ class ClusterState:
             record = ServerRecord(ds, request.address, request.incarnation, request.space, now_s)
             self.servers[ds] = record
         else:
+            record.registered = True
             self._reset_session(record, restarted=record.incarnation != request.incarnation)
             record.incarnation = request.incarnation
             record.space = request.space
@@ -407,7 +435,7 @@ class ClusterState:
     def full_report(self, request: FullReportRequest, now_s: float) -> None:
         """One batch of a full report; the final batch replaces this server's replicas."""
         record = self.servers.get(request.dataserver_id)
-        if record is None:
+        if record is None or not record.registered:
             raise UnknownDataserver(f"dataserver {request.dataserver_id:#x} is not registered")
         if request.batch_index == 0:
             record.pending_report = _PendingReport(request.report_id, 0, [])
@@ -441,6 +469,8 @@ class ClusterState:
                 self._drop_replica(chunk, ds)
         for chunk, report in reported.items():
             self._set_replica(chunk, ds, _replica_of(report), now_s)
+        if record.admin_state is ServerState.MAINTENANCE and record.full_reports == 1:
+            self._release_held_for_maintenance()
 
     def report_corrupt(
         self,
@@ -476,14 +506,63 @@ class ClusterState:
         return True
 
     def set_admin_state(self, dataserver: DataserverId, state: ServerState | None) -> None:
-        """Decommission a dataserver, put it in maintenance, or (None) back to normal."""
+        """Decommission a dataserver, put it in maintenance, or (None) back to normal.
+
+        The shell sets states only through :meth:`install_admin_modes` (the replicated
+        table is the truth); this is its step for one known dataserver."""
         invariant(state is None or state in ADMIN_STATES, f"{state} is not an admin state")
         record = self.servers.get(dataserver)
         if record is None:
             raise UnknownDataserver(f"dataserver {dataserver:#x} is not registered")
+        if record.admin_state is ServerState.MAINTENANCE or state is ServerState.MAINTENANCE:
+            self._release_held_for_maintenance()
         record.admin_state = state
         self._dirty_all(record.chunks)
         self._release_unschedulable()
+
+    def install_admin_modes(self, entries: Iterable[DataserverModeEntry], now_s: float) -> None:
+        """The namespace's dataserver-mode table becomes this reign's admin states.
+
+        A dataserver without a row is normal; one with a row that has not registered in
+        this reign is known from now on, silent, in its mode (rule 7), and stays known (as
+        dead, like any silent dataserver) when its row goes.  Idempotent: installing the
+        same table changes nothing.
+        """
+        wanted = {entry.dataserver: entry for entry in entries}
+        for ds, record in self.servers.items():
+            entry = wanted.get(ds)
+            state = None if entry is None else ADMIN_STATE_OF_MODE[entry.mode]
+            if record.admin_state is not state:
+                self.set_admin_state(ds, state)
+        for ds, entry in wanted.items():
+            if ds in self.servers:
+                continue
+            state = ADMIN_STATE_OF_MODE[entry.mode]
+            invariant(state is not None, f"a mode row of {ds:#x} says normal")
+            record = ServerRecord(
+                ds,
+                entry.address,
+                UNREGISTERED_INCARNATION,
+                Space(0, 0, 0, 0),
+                now_s,
+                alive=False,
+                admin_state=state,
+                registered=False,
+            )
+            self.servers[ds] = record
+            if state is ServerState.MAINTENANCE:
+                self._release_held_for_maintenance()
+        self.admin_modes_installed = True
+
+    def known(self, dataserver: DataserverId) -> bool:
+        """True for a dataserver registered in this reign or in the mode table."""
+        return dataserver in self.servers
+
+    def _release_held_for_maintenance(self) -> None:
+        """The set of silent servers in maintenance changed: re-examine the chunks whose
+        copies rule 7 held back."""
+        self._dirty_all(self._held_for_maintenance)
+        self._held_for_maintenance.clear()
 
     def check_liveness(self, now_s: float) -> list[DataserverId]:
         """Mark dataservers silent for ``dead_after_s`` dead; return the newly dead."""
@@ -762,7 +841,11 @@ class ClusterState:
 
     def safe_mode(self, now_s: float) -> bool:
         """True while the reign is too young to delete or copy anything (rule 3)."""
-        return now_s < self.started_s + self.options.grace_s or self.scan_started_s is None
+        return (
+            now_s < self.started_s + self.options.grace_s
+            or self.scan_started_s is None
+            or not self.admin_modes_installed
+        )
 
     def install_scan(self, scanned: dict[ChunkId, ChunkRef], started_s: float) -> None:
         """A complete namespace scan that started at ``started_s`` becomes the chunk view.
@@ -833,6 +916,11 @@ class ClusterState:
         self._expire(now_s)
         if self.safe_mode(now_s):
             return False
+        self._maintenance_unreported = sum(
+            1
+            for record in self.servers.values()
+            if record.admin_state is ServerState.MAINTENANCE and not record.full_reports
+        )
         budget = RECONCILES_PER_PLAN_MAX
         while self._dirty and budget > 0:
             chunk = next(iter(self._dirty))
@@ -861,6 +949,7 @@ class ClusterState:
         self._set_health(chunk, None)
         queued = self._under.pop(chunk, None)
         self._unschedulable.pop(chunk, None)
+        self._held_for_maintenance.pop(chunk, None)
         if chunk in self.grants:
             return
         holders = self.replicas.get(chunk, {})
@@ -896,7 +985,10 @@ class ClusterState:
         copying = len(self.copies.get(chunk, ()))
         if len(counted) < ref.goal:
             self._set_health(chunk, ChunkHealth.UNDER_REPLICATED)
-        if len(counted) + copying < ref.goal:
+        presumed = min(self._maintenance_unreported, max(0, ref.goal - len(counted) - copying))
+        if presumed:
+            self._held_for_maintenance[chunk] = None
+        if len(counted) + copying + presumed < ref.goal:
             self._under[chunk] = len(counted)
             if queued != len(counted):  # else its heap entry is still there
                 heapq.heappush(self._under_heap, (len(counted), chunk))

@@ -11,9 +11,11 @@ it a normal server again, ``--wait`` follows the drain with a progress bar until
 **Maintenance** is for a planned restart: the server is neither read nor written, but
 its replicas keep counting toward goals, so its silence causes no re-replication.
 
-Both are the leader's soft state (like HDFS's decommissioning in the namenode's memory):
-a new leader starts with every dataserver normal.  ``--wait`` sets the state again when
-it sees it lost that way; otherwise run the command again after a leader change.
+Both are durable, like HDFS's exclude and maintenance files: the mode goes through the
+metaservers' replicated log before the command answers, so a new leader carries on a
+drain and keeps a dataserver in maintenance (even one that is down and has not reported
+to it) from being re-replicated.  A mode can be set on a dataserver the leader knows: one
+registered with it, or one that already has a mode.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ async def _current(client: AdminClient, server: DataserverReport) -> DataserverR
 async def follow_drain(
     client: AdminClient, server: DataserverReport, timeout_s: float, *, quiet: bool
 ) -> DataserverReport:
-    """Poll until ``server`` is decommissioned (setting the state again if a new leader
-    forgot it); AdminError after ``timeout_s``."""
+    """Poll until ``server`` is decommissioned; AdminError when its decommission is
+    cancelled meanwhile (by another admin) or after ``timeout_s``."""
     largest = max(1, server.drain_chunks)
     with Progress(
         TextColumn(f"draining {ds_id(server.dataserver_id)}"),
@@ -81,9 +83,11 @@ async def follow_drain(
         with trio.move_on_after(timeout_s):
             while True:
                 current = await _current(client, server)
-                if current.state == "live":
-                    mode = DataserverMode.DECOMMISSION
-                    current = await client.set_mode(server.dataserver_id, mode)
+                if current.state in ("live", "maintenance"):
+                    raise AdminError(
+                        f"the decommission of dataserver {ds_id(server.dataserver_id)} was "
+                        f"cancelled: it is {current.state} now"
+                    )
                 largest = max(largest, current.drain_chunks)
                 progress.update(task, total=largest, completed=largest - current.drain_chunks)
                 if current.decommissioned:

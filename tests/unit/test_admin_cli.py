@@ -12,7 +12,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tools.admin import _size
-from tools.admin_client import ReplicaRead
+from tools.admin_client import AdminError, ReplicaRead
 from tools.admin_fsck import chunk_converged, compare_reads, judge_chunk
 from tools.admin_output import human_bytes, human_seconds, json_ready
 from tools.admin_servers import follow_drain
@@ -240,12 +240,12 @@ def test_the_config_and_setting_flags_work_before_and_after_the_action(
     assert config.client.call_timeout_s == 4.0
 
 
-class _ForgetfulLeader:
-    """Plays the leader for ``follow_drain``: a leader change forgets the decommission
-    once; the drain then finishes."""
+class _DrainingLeader:
+    """Plays the leader for ``follow_drain``: the drain shrinks by one chunk per poll;
+    ``cancel_at`` is the poll at which another admin cancels the decommission."""
 
-    def __init__(self) -> None:
-        self.modes: list[DataserverMode] = []
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.cancel_at = cancel_at
         self.polls = 0
 
     def report(self, state: str, drain: int) -> DataserverReport:
@@ -270,20 +270,23 @@ class _ForgetfulLeader:
 
     async def dataservers(self) -> tuple[list[DataserverReport], bool]:
         self.polls += 1
-        if self.polls == 2:
-            return [self.report("live", 0)], False  # a new leader: every server normal
+        if self.polls == self.cancel_at:
+            return [self.report("live", 0)], False
         return [self.report("decommissioning", max(0, 4 - self.polls))], False
 
     async def set_mode(self, dataserver: DataserverId, mode: DataserverMode) -> DataserverReport:
-        self.modes.append(mode)
-        return self.report("decommissioning", 3)
+        raise AssertionError("following a drain sets no mode (modes are durable)")
 
 
-async def test_following_a_drain_sets_the_state_again_after_a_leader_forgot_it(
-    autojump_clock: object,
-) -> None:
-    leader = _ForgetfulLeader()
+async def test_following_a_drain_waits_until_it_is_done(autojump_clock: object) -> None:
+    leader = _DrainingLeader()
     start = leader.report("decommissioning", 4)
     done = await follow_drain(leader, start, 60.0, quiet=True)  # type: ignore[arg-type]
-    assert done.decommissioned
-    assert leader.modes == [DataserverMode.DECOMMISSION]
+    assert done.decommissioned and leader.polls == 4
+
+
+async def test_following_a_drain_that_another_admin_cancels_fails(autojump_clock: object) -> None:
+    leader = _DrainingLeader(cancel_at=2)
+    start = leader.report("decommissioning", 4)
+    with pytest.raises(AdminError, match="was cancelled: it is live"):
+        await follow_drain(leader, start, 60.0, quiet=True)  # type: ignore[arg-type]

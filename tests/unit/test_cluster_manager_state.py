@@ -35,7 +35,7 @@ from wire.cluster_ops import (
     Space,
 )
 from wire.ids import ChunkId, ChunkVersion, DataserverId
-from wire.namespace_ops import DeletedChunk
+from wire.namespace_ops import DataserverModeEntry, DeletedChunk
 from wire.tokens import AccessMode, ChunkToken
 
 MIB = 1 << 20
@@ -66,6 +66,7 @@ class Script:
         rate_bytes_s: float = 1e12,
         chunk_size_bytes: int = 64 * MIB,
         seed: int = 1,
+        admin_modes: Iterable[DataserverModeEntry] | None = (),
     ) -> None:
         self.now = 100.0
         self.state = ClusterState(
@@ -80,6 +81,7 @@ class Script:
             started_s=self.now,
             rng=random.Random(seed),
             read_token=token,
+            admin_modes=admin_modes,
         )
         self.available: dict[DataserverId, int] = {}
         self.stored: dict[DataserverId, dict[ChunkId, ReplicaReport]] = {}
