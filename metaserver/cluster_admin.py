@@ -141,7 +141,9 @@ def chunk_health(*, writing: bool, counted: int, readable: int, goal: int) -> st
 
 @dataclass
 class HealthTally:
-    """The chunk-health matrices and the repair work, accumulated chunk by chunk."""
+    """The chunk-health matrices and the repair work, accumulated chunk by chunk (a chunk
+    whose missing replicas are presumed on a silent server in maintenance is no repair
+    work: nothing will be copied for it)."""
 
     counted: Counter[tuple[int, int]] = field(default_factory=Counter)
     readable: Counter[tuple[int, int]] = field(default_factory=Counter)
@@ -157,7 +159,7 @@ class HealthTally:
         counted, readable = replica_counts(state, chunk, version)
         self.counted[(ref.goal, min(counted, MATRIX_REPLICAS_MAX))] += 1
         self.readable[(ref.goal, min(readable, MATRIX_REPLICAS_MAX))] += 1
-        if readable and counted < ref.goal:
+        if readable and counted < ref.goal and not state.held_for_maintenance(chunk):
             self.replicas_wanted += ref.goal - counted
             self.bytes_wanted += (ref.goal - counted) * ref.length_bytes
 

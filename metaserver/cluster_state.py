@@ -791,6 +791,11 @@ class ClusterState:
     def trims_held(self, chunk: ChunkId) -> bool:
         return chunk in self._trim_holds
 
+    def held_for_maintenance(self, chunk: ChunkId) -> bool:
+        """True while rule 7 presumes the replicas ``chunk`` lacks are on a silent server
+        in maintenance, so no copy of it is planned (as of its last re-examination)."""
+        return chunk in self._held_for_maintenance
+
     def release_replica(
         self, chunk: ChunkId, version: ChunkVersion, dataserver: DataserverId, now_s: float
     ) -> str | None:

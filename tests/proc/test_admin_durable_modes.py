@@ -64,7 +64,10 @@ async def test_maintenance_survives_a_leader_change_while_the_server_is_down(
         # dead-after time, it still holds it in maintenance and copies nothing.
         await wait_out_of_safe_mode(cluster)
         await trio.sleep(DEAD_AFTER_S + 1.0)
-        assert await state_of(cluster, victim.address) == "maintenance"
+        report = await admin_json(cluster, "report")
+        states = {s["address"]: s["state"] for s in report["dataservers"]}
+        assert states[victim.address] == "maintenance"
+        assert report["health"]["repair"]["replicas_wanted"] == 0
         others = {n.address: n.stored() for n in cluster.dataservers if n is not victim}
         assert others == {a: s for a, s in before.items() if a != victim.address}
         for name, inode in inodes.items():

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+from metaserver.cluster_admin import HealthTally
 from metaserver.cluster_state import ServerState, UnknownDataserver
 from wire.cluster_admin_ops import DataserverMode
 from wire.cluster_ops import ReplicateChunk
@@ -73,6 +74,10 @@ def test_a_server_in_maintenance_in_the_table_is_known_before_it_registers() -> 
     assert state.counters(script.now).dataservers_maintenance == 1
     assert A not in state.locate(X, V1)[1]
     assert A not in state.grant_write(Y, V1, 0, 3, [], script.now).chain
+    assert state.held_for_maintenance(X)
+    tally = HealthTally()
+    tally.add(state, X, state.refs[X])
+    assert tally.replicas_wanted == 0 and tally.counted == {(3, 2): 1}
 
 
 def test_the_presumption_ends_with_the_servers_full_report() -> None:
@@ -86,9 +91,11 @@ def test_the_presumption_ends_with_the_servers_full_report() -> None:
 def test_the_presumption_ends_when_the_mode_is_turned_off() -> None:
     script = new_reign_without_a(MAINTENANCE_A)
     assert not copies(script.round([B, C, D]))
+    assert script.state.held_for_maintenance(X)
     script.state.install_admin_modes((), script.now)
     assert script.state.state_of(A) is ServerState.DEAD
     assert copies(script.round([B, C, D]))
+    assert not script.state.held_for_maintenance(X)
     assert set(script.holders(X)) == {B, C, D}
 
 
