@@ -29,7 +29,8 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -108,6 +109,265 @@ def _handler(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+ENTRY_CACHE_NAMES_MAX = 65536
+"""Names the mount remembers across directories (about 0.5 KiB each); past it the least
+recently used directory is forgotten."""
+ENTRY_CACHE_CHANGES_MAX = 4096
+"""Local changes remembered to fence the fetches in flight; past it every fetch then in
+flight is fenced as a whole."""
+STATAHEAD_FOUND_MISSES = 4
+"""Names of one directory found at the namespace (not in the cache) in a row before the
+directory is listed ahead: the sign of a scan (a stat loop, ``find``, ``rsync``)."""
+STATAHEAD_ENTRIES_MAX = 8192
+"""A directory is listed ahead up to this many entries (about 30 µs an entry for the
+client; a scan of a larger one pays a lookup per name)."""
+STATAHEAD_PAUSE_S = 30.0
+"""After a listing that stopped short (too large, or refused) the directory is not
+listed ahead again for this long."""
+STATAHEAD_QUEUE_MAX = 16
+"""Directories waiting to be listed ahead; more requests are dropped (only an
+optimisation is lost)."""
+
+
+@dataclass
+class _CachedDir:
+    names: dict[bytes, tuple[InodeId | None, float]] = field(default_factory=dict)
+    """name -> (its inode, or None where the namespace said ENOENT; when it said so)."""
+    found_misses: int = 0
+    """Different names found at the namespace in a row (a path walk that finds the
+    same name again and again is no scan)."""
+    last_found: bytes = b""
+    listing: bool = False
+    pause_until_s: float = float("-inf")
+
+
+class EntryCache:
+    """Names and attributes this mount learnt from the namespace, answered again while
+    younger than the configured entry and attribute timeouts.
+
+    The kernel caches entries and attributes for those timeouts already; this cache
+    answers a LOOKUP or GETATTR that the kernel's cache no longer can (its copy expired,
+    or the entry came in with a directory listed ahead) without a namespace round trip,
+    and with no more staleness: an answer carries only what is left of the timeouts,
+    counted from the namespace's (linearizable) read.  Nothing negative is answered: a
+    name the cache lacks, or knows as absent, goes to the namespace.
+
+    A change made through this mount is never hidden from it: each change drops what it
+    touches, and fences every fetch in flight when it happened (take :meth:`stamp`
+    before a fetch, pass it to ``add*``: what changed since is refused).  A removal of a
+    name the cache cannot resolve to an inode drops everything.
+
+    Pure: the caller passes the time (monotonic seconds).
+    """
+
+    def __init__(
+        self,
+        entry_timeout_s: float,
+        attr_timeout_s: float,
+        names_max: int = ENTRY_CACHE_NAMES_MAX,
+        changes_max: int = ENTRY_CACHE_CHANGES_MAX,
+    ) -> None:
+        invariant(names_max > 0 and changes_max > 0, "entry cache limits must be positive")
+        self._entry_timeout_s = entry_timeout_s
+        self._attr_timeout_s = attr_timeout_s
+        self._names_max = names_max
+        self._changes_max = changes_max
+        self._dirs: OrderedDict[InodeId, _CachedDir] = OrderedDict()
+        self._names = 0
+        self._attrs: OrderedDict[InodeId, tuple[Attr, float]] = OrderedDict()
+        self._seq = 0
+        self._floor = 0
+        self._changed: dict[InodeId, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self._entry_timeout_s > 0 and self._attr_timeout_s > 0
+
+    def __len__(self) -> int:
+        """Names held (with the absent ones)."""
+        return self._names
+
+    # ------------------------------------------------------------ answers
+
+    def entry(self, parent: InodeId, name: bytes, now_s: float) -> tuple[Attr, float, float] | None:
+        """``(attr, entry seconds left, attribute seconds left)`` of a name known to be
+        there, while both are younger than their timeouts."""
+        directory = self._dirs.get(parent)
+        if directory is None:
+            return None
+        known = directory.names.get(name)
+        if known is None or known[0] is None:
+            return None
+        inode, entry_at = known
+        entry_left = self._entry_timeout_s - (now_s - entry_at)
+        cached = self._attrs.get(inode)
+        if entry_left <= 0 or cached is None:
+            return None
+        attr, attr_at = cached
+        attr_left = self._attr_timeout_s - (now_s - attr_at)
+        if attr_left <= 0:
+            return None
+        directory.found_misses = 0
+        self._dirs.move_to_end(parent)
+        return attr, entry_left, attr_left
+
+    def attr(self, inode: InodeId, now_s: float) -> tuple[Attr, float] | None:
+        """``(attr, seconds left)`` while younger than the attribute timeout."""
+        cached = self._attrs.get(inode)
+        if cached is None:
+            return None
+        attr, attr_at = cached
+        left = self._attr_timeout_s - (now_s - attr_at)
+        return (attr, left) if left > 0 else None
+
+    # ------------------------------------------------------------ what the namespace said
+
+    def stamp(self) -> int:
+        """Take before a fetch; what changes through this mount after it is fenced."""
+        return self._seq
+
+    def add(
+        self, parent: InodeId, name: bytes, attr: Attr | None, stamp: int, now_s: float
+    ) -> None:
+        """The namespace said ``name`` in ``parent`` is ``attr`` (None: no such name)."""
+        if not self._accepts(parent, stamp):
+            return
+        if attr is None:
+            self._put_name(parent, name, None, now_s)
+            self._dir(parent).found_misses = 0  # a scan finds what it looks for
+        elif self._accepts(attr.ino, stamp):
+            self._put_name(parent, name, attr.ino, now_s)
+            self._put_attr(attr, now_s)
+
+    def add_listing(
+        self, parent: InodeId, entries: Sequence[DirEntry], stamp: int, now_s: float
+    ) -> None:
+        """A page of ``parent``'s entries as the namespace listed them."""
+        if not self._accepts(parent, stamp):
+            return
+        for entry in entries:
+            if self._accepts(entry.attr.ino, stamp):
+                self._put_name(parent, entry.name, entry.attr.ino, now_s)
+                self._put_attr(entry.attr, now_s)
+
+    def add_attr(self, attr: Attr, stamp: int, now_s: float) -> None:
+        if self._accepts(attr.ino, stamp):
+            self._put_attr(attr, now_s)
+
+    # ------------------------------------------------------------ changes made here
+
+    def changed(self, *inodes: InodeId) -> None:
+        """These inodes' attributes (or, for a directory, its entries) changed here."""
+        self._seq += 1
+        for inode in inodes:
+            self._changed[inode] = self._seq
+            self._attrs.pop(inode, None)
+        if len(self._changed) > self._changes_max:
+            self._floor = self._seq + 1
+            self._seq += 1
+            self._changed.clear()
+
+    def added(self, parent: InodeId, name: bytes, attr: Attr, now_s: float) -> None:
+        """``name`` was made here in ``parent`` (create, mkdir, link, ...) as ``attr``."""
+        self.changed(parent, attr.ino)
+        self._put_name(parent, name, attr.ino, now_s)
+        self._put_attr(attr, now_s)
+
+    def removed(self, parent: InodeId, *names: bytes) -> None:
+        """These names of ``parent`` were removed or renamed away here."""
+        touched = [parent]
+        for name in names:
+            known = self._pop_name(parent, name)
+            if known is None:
+                self.clear()
+                return
+            if known[0] is not None:
+                touched.append(known[0])
+        self.changed(*touched)
+
+    def clear(self) -> None:
+        """Forget everything and fence every fetch in flight."""
+        self._dirs.clear()
+        self._attrs.clear()
+        self._names = 0
+        self._changed.clear()
+        self._seq += 1
+        self._floor = self._seq
+
+    # ------------------------------------------------------------ listing ahead
+
+    def note_found(self, parent: InodeId, name: bytes, now_s: float) -> bool:
+        """``name`` of ``parent`` was found at the namespace, not here.  True when the
+        directory should now be listed ahead (then :meth:`listing_started`)."""
+        if not self.enabled:
+            return False
+        directory = self._dir(parent)
+        if name == directory.last_found:
+            return False
+        directory.last_found = name
+        directory.found_misses += 1
+        return (
+            directory.found_misses >= STATAHEAD_FOUND_MISSES
+            and not directory.listing
+            and now_s >= directory.pause_until_s
+        )
+
+    def listing_started(self, parent: InodeId, now_s: float) -> None:
+        """One listing ahead per directory at a time, and one per entry timeout."""
+        directory = self._dir(parent)
+        directory.listing = True
+        directory.found_misses = 0
+        directory.pause_until_s = now_s + self._entry_timeout_s
+
+    def listing_ended(self, parent: InodeId, now_s: float, *, complete: bool) -> None:
+        directory = self._dirs.get(parent)
+        if directory is None:
+            return
+        directory.listing = False
+        if not complete:
+            directory.pause_until_s = now_s + STATAHEAD_PAUSE_S
+
+    # ------------------------------------------------------------ internals
+
+    def _accepts(self, inode: InodeId, stamp: int) -> bool:
+        return stamp >= self._floor and self._changed.get(inode, -1) <= stamp
+
+    def _dir(self, parent: InodeId) -> _CachedDir:
+        directory = self._dirs.get(parent)
+        if directory is None:
+            directory = self._dirs[parent] = _CachedDir()
+        self._dirs.move_to_end(parent)
+        return directory
+
+    def _put_name(self, parent: InodeId, name: bytes, inode: InodeId | None, now_s: float) -> None:
+        directory = self._dir(parent)
+        if name not in directory.names:
+            self._names += 1
+        directory.names[name] = (inode, now_s)
+        while self._names > self._names_max and len(self._dirs) > 1:
+            _, evicted = self._dirs.popitem(last=False)
+            self._names -= len(evicted.names)
+        if self._names > self._names_max:  # one directory holds them all: halve it
+            for stale in list(directory.names)[: len(directory.names) // 2]:
+                del directory.names[stale]
+            self._names = len(directory.names)
+
+    def _pop_name(self, parent: InodeId, name: bytes) -> tuple[InodeId | None, float] | None:
+        directory = self._dirs.get(parent)
+        if directory is None:
+            return None
+        known = directory.names.pop(name, None)
+        if known is not None:
+            self._names -= 1
+        return known
+
+    def _put_attr(self, attr: Attr, now_s: float) -> None:
+        self._attrs[attr.ino] = (attr, now_s)
+        self._attrs.move_to_end(attr.ino)
+        while len(self._attrs) > self._names_max:
+            self._attrs.popitem(last=False)
+
+
 @dataclass
 class _DirHandle:
     inode: InodeId
@@ -165,13 +425,24 @@ class PaxfsOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_fh = itertools.count(1)
         self._groups = GroupsCache()
+        self.entries = EntryCache(settings.entry_timeout_s, settings.attr_timeout_s)
+        self._list_ahead_send, self._list_ahead_receive = trio.open_memory_channel[
+            tuple[InodeId, Credentials]
+        ](STATAHEAD_QUEUE_MAX)
 
     # ------------------------------------------------------------ helpers
 
     def _credentials(self, ctx: pyfuse3.RequestContext) -> Credentials:
         return Credentials(ctx.uid, ctx.gid, self._groups.groups(ctx.pid))
 
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(
+        self,
+        attr: Attr,
+        entry_timeout_s: float | None = None,
+        attr_timeout_s: float | None = None,
+    ) -> pyfuse3.EntryAttributes:
+        """The kernel's view of ``attr``, cached there for the configured timeouts (or
+        what is left of them, for an answer from :class:`EntryCache`)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = attr.ino
         entry.generation = attr.generation
@@ -186,14 +457,41 @@ class PaxfsOperations(pyfuse3.Operations):
         entry.st_atime_ns = attr.atime_ns
         entry.st_mtime_ns = attr.mtime_ns
         entry.st_ctime_ns = attr.ctime_ns
-        entry.attr_timeout = self.settings.attr_timeout_s
-        entry.entry_timeout = self.settings.entry_timeout_s
+        entry.attr_timeout = (
+            self.settings.attr_timeout_s if attr_timeout_s is None else attr_timeout_s
+        )
+        entry.entry_timeout = (
+            self.settings.entry_timeout_s if entry_timeout_s is None else entry_timeout_s
+        )
         return entry
 
-    def _remember(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _remember(
+        self,
+        attr: Attr,
+        entry_timeout_s: float | None = None,
+        attr_timeout_s: float | None = None,
+    ) -> pyfuse3.EntryAttributes:
         """Count one kernel reference to ``attr.ino`` and return its entry."""
         self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + 1
-        return self._entry(self.client.local_view(attr))
+        return self._entry(self.client.local_view(attr), entry_timeout_s, attr_timeout_s)
+
+    @contextmanager
+    def _changing(self, *inodes: int) -> Iterator[None]:
+        """Around a namespace change whose success the caller caches: when it fails (it
+        may have been applied all the same, say before a timeout), the cache drops what
+        it may have changed."""
+        try:
+            yield
+        except BaseException:
+            self.entries.changed(*(InodeId(inode) for inode in inodes))
+            raise
+
+    def _made(
+        self, parent: int, name: bytes, attr: Attr, asked_at_s: float
+    ) -> pyfuse3.EntryAttributes:
+        """``name`` was made in ``parent`` as ``attr``: cache it, count the reference."""
+        self.entries.added(InodeId(parent), name, attr, asked_at_s)
+        return self._remember(attr)
 
     def _new_fh(self) -> int:
         return next(self._next_fh)
@@ -210,11 +508,68 @@ class PaxfsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        """ENOENT (not cached), ENOTDIR, ENAMETOOLONG."""
-        reply = await self.client.meta.query(
-            Lookup(InodeId(parent_inode), name), self._credentials(ctx)
-        )
+        """ENOENT (not cached), ENOTDIR, ENAMETOOLONG.  Answered from :class:`EntryCache`
+        while it holds the name; else one namespace read, and after a few of those in
+        one directory the directory is listed ahead (a scan is under way)."""
+        parent = InodeId(parent_inode)
+        asked_at_s = time.monotonic()
+        cached = self.entries.entry(parent, name, asked_at_s)
+        if cached is not None:
+            attr, entry_left_s, attr_left_s = cached
+            return self._remember(attr, entry_left_s, attr_left_s)
+        credentials = self._credentials(ctx)
+        stamp = self.entries.stamp()
+        dots = name in (b".", b"..")
+        try:
+            reply = await self.client.meta.query(Lookup(parent, name), credentials)
+        except RpcError as error:
+            if error.code == errno.ENOENT and not dots:
+                self.entries.add(parent, name, None, stamp, asked_at_s)
+            raise
+        if not dots:
+            self.entries.add(parent, name, reply.attr, stamp, asked_at_s)
+            if self.entries.note_found(parent, name, asked_at_s):
+                self._request_listing(parent, credentials, asked_at_s)
         return self._remember(reply.attr)
+
+    def _request_listing(self, parent: InodeId, credentials: Credentials, now_s: float) -> None:
+        try:
+            self._list_ahead_send.send_nowait((parent, credentials))
+        except trio.WouldBlock:
+            return
+        self.entries.listing_started(parent, now_s)
+
+    async def list_ahead_forever(self) -> None:
+        """Run for the mount's lifetime: list the directories :meth:`lookup` asks for
+        into the entry cache (statahead, as Lustre's).  Never raises."""
+        async for parent, credentials in self._list_ahead_receive:
+            complete = False
+            try:
+                complete = await self._list_ahead(parent, credentials)
+            except (RpcError, ChunkIoError, FileIoError) as error:
+                log.info("listing directory %d ahead: %s", parent, error)
+            except Exception:  # noqa: BLE001 - an optimisation must not end the mount
+                log.exception("listing directory %d ahead failed unexpectedly", parent)
+            finally:
+                self.entries.listing_ended(parent, time.monotonic(), complete=complete)
+
+    async def _list_ahead(self, parent: InodeId, credentials: Credentials) -> bool:
+        """Cache ``parent``'s entries, page by page; False when it has more than
+        ``STATAHEAD_ENTRIES_MAX``."""
+        cookie = 0
+        listed = 0
+        while listed < STATAHEAD_ENTRIES_MAX:
+            stamp = self.entries.stamp()
+            asked_at_s = time.monotonic()
+            reply = await self.client.meta.query(
+                ReadDir(parent, cookie, READDIR_PAGE_MAX), credentials
+            )
+            self.entries.add_listing(parent, reply.entries, stamp, asked_at_s)
+            listed += len(reply.entries)
+            if reply.eof or not reply.entries:
+                return True
+            cookie = reply.entries[-1].cookie
+        return False
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Drop kernel references; an inode at zero leaves every cache.  Never raises."""
@@ -233,9 +588,17 @@ class PaxfsOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        """ENOENT for an inode that is gone."""
-        attr = await self.client.getattr(InodeId(inode), self._credentials(ctx))
-        return self._entry(attr)
+        """ENOENT for an inode that is gone.  Answered from :class:`EntryCache` while it
+        holds the inode's attributes; else one namespace read."""
+        asked_at_s = time.monotonic()
+        cached = self.entries.attr(InodeId(inode), asked_at_s)
+        if cached is not None:
+            attr, attr_left_s = cached
+            return self._entry(self.client.local_view(attr), attr_timeout_s=attr_left_s)
+        stamp = self.entries.stamp()
+        reply = await self.client.meta.query(GetAttr(InodeId(inode)), self._credentials(ctx))
+        self.entries.add_attr(reply.attr, stamp, asked_at_s)
+        return self._entry(self.client.local_view(reply.attr))
 
     @_handler
     async def setattr(
@@ -278,7 +641,10 @@ class PaxfsOperations(pyfuse3.Operations):
                     changes["mtime_now"] = True
         if not changes:
             return self._entry(await self.client.getattr(InodeId(inode), credentials))
-        result = await self.client.setattr(SetAttr(InodeId(inode), **changes), credentials)
+        try:
+            result = await self.client.setattr(SetAttr(InodeId(inode), **changes), credentials)
+        finally:
+            self.entries.changed(InodeId(inode))
         return self._entry(result)
 
     @_handler
@@ -293,40 +659,56 @@ class PaxfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         """Regular files, fifos, sockets, devices (root); EEXIST, EPERM, ENOSPC."""
-        reply = await self.client.meta.mutate(
-            Mknod(InodeId(parent_inode), name, mode, rdev), self._credentials(ctx)
-        )
-        return self._remember(reply.attr)
+        asked_at_s = time.monotonic()
+        with self._changing(parent_inode):
+            reply = await self.client.meta.mutate(
+                Mknod(InodeId(parent_inode), name, mode, rdev), self._credentials(ctx)
+            )
+        return self._made(parent_inode, name, reply.attr, asked_at_s)
 
     @_handler
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         """EEXIST, ENOENT, ENOTDIR, ENAMETOOLONG, ENOSPC."""
-        reply = await self.client.meta.mutate(
-            Mkdir(InodeId(parent_inode), name, mode), self._credentials(ctx)
-        )
-        return self._remember(reply.attr)
+        asked_at_s = time.monotonic()
+        with self._changing(parent_inode):
+            reply = await self.client.meta.mutate(
+                Mkdir(InodeId(parent_inode), name, mode), self._credentials(ctx)
+            )
+        return self._made(parent_inode, name, reply.attr, asked_at_s)
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENOENT, EISDIR, EPERM (sticky); an open file lives on until released."""
-        await self.client.meta.mutate(Unlink(InodeId(parent_inode), name), self._credentials(ctx))
+        try:
+            await self.client.meta.mutate(
+                Unlink(InodeId(parent_inode), name), self._credentials(ctx)
+            )
+        finally:
+            self.entries.removed(InodeId(parent_inode), name)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENOENT, ENOTDIR, ENOTEMPTY, EPERM (sticky)."""
-        await self.client.meta.mutate(Rmdir(InodeId(parent_inode), name), self._credentials(ctx))
+        try:
+            await self.client.meta.mutate(
+                Rmdir(InodeId(parent_inode), name), self._credentials(ctx)
+            )
+        finally:
+            self.entries.removed(InodeId(parent_inode), name)
 
     @_handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         """EEXIST, ENAMETOOLONG, and the parent's errors."""
-        reply = await self.client.meta.mutate(
-            Symlink(InodeId(parent_inode), name, target), self._credentials(ctx)
-        )
-        return self._remember(reply.attr)
+        asked_at_s = time.monotonic()
+        with self._changing(parent_inode):
+            reply = await self.client.meta.mutate(
+                Symlink(InodeId(parent_inode), name, target), self._credentials(ctx)
+            )
+        return self._made(parent_inode, name, reply.attr, asked_at_s)
 
     @_handler
     async def rename(
@@ -340,26 +722,32 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> None:
         """renameat2 with RENAME_NOREPLACE / RENAME_EXCHANGE; errors in Linux's order.
         A replaced inode stays alive while open (the namespace counts opens)."""
-        await self.client.meta.mutate(
-            Rename(
-                InodeId(parent_inode_old),
-                name_old,
-                InodeId(parent_inode_new),
-                name_new,
-                flags,
-            ),
-            self._credentials(ctx),
-        )
+        try:
+            await self.client.meta.mutate(
+                Rename(
+                    InodeId(parent_inode_old),
+                    name_old,
+                    InodeId(parent_inode_new),
+                    name_new,
+                    flags,
+                ),
+                self._credentials(ctx),
+            )
+        finally:
+            self.entries.removed(InodeId(parent_inode_old), name_old)
+            self.entries.removed(InodeId(parent_inode_new), name_new)
 
     @_handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         """EPERM (a directory), EMLINK, EEXIST, ENOENT."""
-        reply = await self.client.meta.mutate(
-            Link(InodeId(inode), InodeId(new_parent_inode), new_name), self._credentials(ctx)
-        )
-        return self._remember(reply.attr)
+        asked_at_s = time.monotonic()
+        with self._changing(new_parent_inode, inode):
+            reply = await self.client.meta.mutate(
+                Link(InodeId(inode), InodeId(new_parent_inode), new_name), self._credentials(ctx)
+            )
+        return self._made(new_parent_inode, new_name, reply.attr, asked_at_s)
 
     # ------------------------------------------------------------ files
 
@@ -377,6 +765,7 @@ class PaxfsOperations(pyfuse3.Operations):
         handle = await self.client.open(InodeId(inode), credentials)
         try:
             if flags & os.O_TRUNC and handle.size:
+                self.entries.changed(handle.inode)
                 attr = await handle.truncate(0)
             else:
                 attr = self.client.local_view(handle.attr)
@@ -394,15 +783,18 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """open(O_CREAT): EEXIST with O_EXCL, EISDIR, and mknod's errors."""
         credentials = self._credentials(ctx)
-        handle, attr = await self.client.create(
-            InodeId(parent_inode),
-            name,
-            stat.S_IFREG | stat.S_IMODE(mode),
-            credentials,
-            exclusive=bool(flags & os.O_EXCL),
-        )
+        asked_at_s = time.monotonic()
+        with self._changing(parent_inode):
+            handle, attr = await self.client.create(
+                InodeId(parent_inode),
+                name,
+                stat.S_IFREG | stat.S_IMODE(mode),
+                credentials,
+                exclusive=bool(flags & os.O_EXCL),
+            )
         try:
             if flags & os.O_TRUNC and attr.size:
+                self.entries.changed(attr.ino)
                 attr = await handle.truncate(0)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -410,7 +802,7 @@ class PaxfsOperations(pyfuse3.Operations):
             raise
         fh = self._new_fh()
         self._files[fh] = handle
-        return self._file_info(fh, attr), self._remember(attr)
+        return self._file_info(fh, attr), self._made(parent_inode, name, attr, asked_at_s)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -423,13 +815,28 @@ class PaxfsOperations(pyfuse3.Operations):
 
     @_handler
     async def flush(self, fh: int) -> None:
-        """close(2): durable on every replica and published (close-to-open)."""
+        """close(2): durable on every replica and published (close-to-open).  No
+        namespace call for a file this mount holds no writes of."""
         handle = self._file(fh)
-        await handle.flush()
+        async with self._publishing(handle):
+            await handle.flush()
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._file(fh).fsync()
+        handle = self._file(fh)
+        async with self._publishing(handle):
+            await handle.fsync()
+
+    @asynccontextmanager
+    async def _publishing(self, handle: OpenFile) -> AsyncIterator[None]:
+        """Around a publish: if the file had writes to publish, its cached attributes
+        are dropped after (the size and times changed), whether or not it succeeded."""
+        unpublished = handle.state.has_unpublished()
+        try:
+            yield
+        finally:
+            if unpublished:
+                self.entries.changed(handle.inode)
 
     async def release(self, fh: int) -> None:
         """Publish what is left and give the open back.  Never raises (the kernel
@@ -438,7 +845,8 @@ class PaxfsOperations(pyfuse3.Operations):
         if handle is None:
             return
         try:
-            await handle.release()
+            async with self._publishing(handle):
+                await handle.release()
             committed = handle.state.committed_attr
             if committed is not None and committed.ino in self.lookups:
                 # The kernel's page cache holds what this mount wrote (write-through).
@@ -464,21 +872,28 @@ class PaxfsOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         # "." and ".." take cookies 1 and 2 (the namespace's start at 3); the kernel
-        # counts no lookup for them.
+        # counts no lookup for them and ignores their attributes (it takes the inode
+        # number and the type), so "." needs no namespace call.
+        if start_id < DOT_COOKIE:
+            dot = pyfuse3.EntryAttributes()
+            dot.st_ino = handle.inode
+            dot.st_mode = stat.S_IFDIR
+            if not pyfuse3.readdir_reply(token, b".", dot, DOT_COOKIE):
+                return
         if start_id < DOTDOT_COOKIE:
-            for name, cookie in ((b".", DOT_COOKIE), (b"..", DOTDOT_COOKIE)):
-                if cookie <= start_id:
-                    continue
-                reply = await self.client.meta.query(Lookup(handle.inode, name), handle.credentials)
-                if not pyfuse3.readdir_reply(token, name, self._entry(reply.attr), cookie):
-                    return
+            reply = await self.client.meta.query(Lookup(handle.inode, b".."), handle.credentials)
+            if not pyfuse3.readdir_reply(token, b"..", self._entry(reply.attr), DOTDOT_COOKIE):
+                return
         cookie = start_id if start_id > DOTDOT_COOKIE else 0
         while True:
             entries = self._cached_entries(handle, cookie)
             if entries is None:
+                stamp = self.entries.stamp()
+                asked_at_s = time.monotonic()
                 reply = await self.client.meta.query(
                     ReadDir(handle.inode, cookie, READDIR_FETCH_ENTRIES), handle.credentials
                 )
+                self.entries.add_listing(handle.inode, reply.entries, stamp, asked_at_s)
                 handle.entries = list(reply.entries)
                 handle.after_cookie = cookie
                 entries = handle.entries
@@ -547,9 +962,12 @@ class PaxfsOperations(pyfuse3.Operations):
         """ERANGE, EOPNOTSUPP (unknown namespace), E2BIG, EPERM, ENOSPC (pyfuse3 checks
         XATTR_CREATE / XATTR_REPLACE through getxattr first)."""
         _refuse_acl(name)
-        await self.client.meta.mutate(
-            SetXattr(InodeId(inode), name, value, 0), self._credentials(ctx)
-        )
+        try:
+            await self.client.meta.mutate(
+                SetXattr(InodeId(inode), name, value, 0), self._credentials(ctx)
+            )
+        finally:
+            self.entries.changed(InodeId(inode))
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -568,7 +986,10 @@ class PaxfsOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENODATA when absent."""
         _refuse_acl(name)
-        await self.client.meta.mutate(RemoveXattr(InodeId(inode), name), self._credentials(ctx))
+        try:
+            await self.client.meta.mutate(RemoveXattr(InodeId(inode), name), self._credentials(ctx))
+        finally:
+            self.entries.changed(InodeId(inode))
 
     @_handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -101,6 +101,7 @@ async def serve_mount(
                                 return
 
                         nursery.start_soon(stop_on_signal)
+                        nursery.start_soon(operations.list_ahead_forever)
                         await pyfuse3.main(max_tasks=MAX_TASKS)
                         unmounted = True
                         nursery.cancel_scope.cancel()

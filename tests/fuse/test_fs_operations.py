@@ -11,6 +11,8 @@ import errno
 import logging
 import os
 import stat
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,15 +25,15 @@ import trio
 
 from fuse_client.chunk_io import DataserverPool
 from fuse_client.file_client import FileClient, FileClientSettings
-from fuse_client.fs import GroupsCache, PaxfsOperations
+from fuse_client.fs import STATAHEAD_FOUND_MISSES, GroupsCache, PaxfsOperations
 from metaserver.namespace import NamespaceConfig
 from tests.fuse.standin_leader import serve_standin
 from tests.proc.dataserver_harness import KEY, Cluster
 from wire.address import Address
 from wire.config import MountSettings
 from wire.errors import RpcError
-from wire.ids import ROOT_INODE
-from wire.namespace_ops import Credentials
+from wire.ids import ROOT_INODE, InodeId
+from wire.namespace_ops import ROOT_CREDENTIALS, Credentials
 
 CHUNK = 256 * 1024
 
@@ -77,7 +79,9 @@ async def operations(
                     await cluster.started(server)
             try:
                 client = FileClient(meta, pool, CHUNK, FileClientSettings())
-                yield PaxfsOperations(client, MountSettings(attr_timeout_s=0.5))
+                ops = PaxfsOperations(client, MountSettings(attr_timeout_s=0.5))
+                nursery.start_soon(ops.list_ahead_forever)
+                yield ops
             finally:
                 if cluster is not None:
                     cluster.stop_all()
@@ -217,6 +221,55 @@ async def test_keep_cache_only_while_the_file_is_unchanged(tmp_path: Path) -> No
         assert not third.keep_cache
         assert await ops.read(third.fh, 0, 100) == b"two!"
         await ops.release(third.fh)
+
+
+async def test_a_stat_scan_is_served_by_one_listing_and_changes_here_show_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with operations() as ops:
+        directory = (await ops.mkdir(ROOT_INODE, b"d", 0o755, ROOT_CTX)).st_ino
+        names = [b"f%03d" % number for number in range(60)]
+        inodes = {}
+        for name in names:
+            info, entry = await ops.create(directory, name, 0o644, os.O_WRONLY, ROOT_CTX)
+            await ops.release(info.fh)
+            inodes[name] = entry.st_ino
+        ops.entries.clear()  # as if every entry had expired
+        calls: Counter[str] = Counter()
+        query = ops.client.meta.query
+
+        async def counting(op: Any, credentials: Credentials = ROOT_CREDENTIALS) -> Any:
+            calls[type(op).__name__] += 1
+            return await query(op, credentials)
+
+        monkeypatch.setattr(ops.client.meta, "query", counting)
+        for name in names[:STATAHEAD_FOUND_MISSES]:
+            await ops.lookup(directory, name, ROOT_CTX)
+        with trio.fail_after(10):  # the listing ahead runs in the background
+            while ops.entries.entry(InodeId(directory), names[-1], time.monotonic()) is None:
+                await trio.sleep(0.01)
+        for name in names:
+            entry = await ops.lookup(directory, name, ROOT_CTX)
+            assert entry.st_ino == inodes[name]
+            assert 0 < entry.entry_timeout <= ops.settings.entry_timeout_s
+            assert 0 < entry.attr_timeout <= ops.settings.attr_timeout_s
+        assert calls == {"Lookup": STATAHEAD_FOUND_MISSES, "ReadDir": 1}
+
+        last = inodes[names[-1]]
+        await ops.setattr(
+            last, _attr(mode=stat.S_IFREG | 0o600), _fields(mode=True), None, ROOT_CTX
+        )
+        assert stat.S_IMODE((await ops.lookup(directory, names[-1], ROOT_CTX)).st_mode) == 0o600
+        assert stat.S_IMODE((await ops.getattr(last, ROOT_CTX)).st_mode) == 0o600
+        await ops.unlink(directory, names[0], ROOT_CTX)
+        assert await fuse_errno(ops.lookup(directory, names[0], ROOT_CTX)) == errno.ENOENT
+        await ops.rename(directory, names[1], directory, names[2], 0, ROOT_CTX)
+        assert await fuse_errno(ops.lookup(directory, names[1], ROOT_CTX)) == errno.ENOENT
+        assert (await ops.lookup(directory, names[2], ROOT_CTX)).st_ino == inodes[names[1]]
+        link = await ops.link(inodes[names[3]], directory, b"again", ROOT_CTX)
+        assert link.st_nlink == 2
+        assert (await ops.lookup(directory, names[3], ROOT_CTX)).st_nlink == 2
+        assert (await ops.getattr(directory, ROOT_CTX)).st_size == len(names) - 1
 
 
 def test_groups_cache_is_bounded() -> None:
