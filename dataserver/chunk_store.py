@@ -503,21 +503,36 @@ class ChunkStore:
         self._evict_excess()
 
     def bump_version(
-        self, chunk_id: ChunkId, version: ChunkVersion, new_version: ChunkVersion
-    ) -> None:
-        """Turn the stored ``version`` into ``new_version`` (> ``version``) by renaming.
+        self,
+        chunk_id: ChunkId,
+        version: ChunkVersion,
+        new_version: ChunkVersion,
+        *,
+        keep_bytes: int | None = None,
+    ) -> int:
+        """Turn the stored ``version`` into ``new_version`` (> ``version``) by renaming;
+        return the replica's length.
 
-        Durable when it returns; afterwards every call naming ``version`` gets
-        :class:`StaleVersion`. Unsynced writes carry over and still need :meth:`sync`."""
+        With ``keep_bytes``, bytes past it are dropped first and that is synced before the
+        rename, so the new version never holds them, even after a crash (the old version
+        loses only bytes that were not its file data either). Durable when it returns;
+        afterwards every call naming ``version`` gets :class:`StaleVersion`. Other unsynced
+        writes carry over and still need :meth:`sync`."""
         self._check_open()
         _check_ids(chunk_id, new_version)
         if new_version <= version:
             raise InvalidRequest(
                 f"chunk {chunk_id:#x}: new version {new_version} is not above {version}"
             )
+        if keep_bytes is not None and keep_bytes < 0:
+            raise InvalidRequest(f"chunk {chunk_id:#x}: negative length {keep_bytes} to keep")
         with self._locks.hold(chunk_id):
             record = self._record(chunk_id, version)
             self._refuse_damaged(chunk_id, record)
+            if keep_bytes is not None and record.meta.length_bytes > keep_bytes:
+                chunk_file = self._open_file(chunk_id, record)
+                chunk_file.truncate(keep_bytes)
+                self._sync_file(chunk_id, record, chunk_file)
             os.rename(
                 replica_file_name(chunk_id, version),
                 replica_file_name(chunk_id, new_version),
@@ -529,6 +544,9 @@ class ChunkStore:
             record.meta = replace(record.meta, version=new_version)
             if record.file is not None:
                 record.file.version = new_version
+            length = record.meta.length_bytes
+        self._evict_excess()
+        return length
 
     def delete(self, chunk_id: ChunkId, version: ChunkVersion) -> None:
         """Remove the replica ``(chunk_id, version)``, damaged or not; unsynced writes are lost.
@@ -556,8 +574,9 @@ class ChunkStore:
         version: ChunkVersion,
         offset: int,
         data: bytes | bytearray | memoryview,
-    ) -> None:
-        """Write ``data`` at ``offset`` inside the chunk (growing its length if needed).
+    ) -> int:
+        """Write ``data`` at ``offset`` inside the chunk (growing its length if needed);
+        return the replica's length after it.
 
         Not durable until :meth:`sync`. Raises :class:`InvalidRequest` past the chunk's
         capacity, :class:`NoSpace` when the disk or the cap is full, :class:`ChecksumError`
@@ -568,34 +587,40 @@ class ChunkStore:
                 chunk_file.write(offset, data)
             finally:
                 self._refresh(record, chunk_file)
+            return chunk_file.length_bytes
 
     def read(self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset``; fewer at the end of the replica, b"" past it.
 
         Raises :class:`ChecksumError` naming the first bad block in the range."""
-        with self._opened(chunk_id, version) as (_, chunk_file):
-            return chunk_file.read(offset, size)
+        return self.read_with_length(chunk_id, version, offset, size)[0]
 
-    def truncate(self, chunk_id: ChunkId, version: ChunkVersion, length_bytes: int) -> None:
-        """Set the replica's length (shrink drops data, growth reads as zeros); needs sync."""
+    def read_with_length(
+        self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
+    ) -> tuple[bytes, int]:
+        """:meth:`read`, and the replica's length at the time of the read."""
+        with self._opened(chunk_id, version) as (_, chunk_file):
+            return chunk_file.read(offset, size), chunk_file.length_bytes
+
+    def truncate(self, chunk_id: ChunkId, version: ChunkVersion, length_bytes: int) -> int:
+        """Set the replica's length (shrink drops data, growth reads as zeros); needs sync.
+        Returns the new length."""
         with self._opened(chunk_id, version) as (record, chunk_file):
             try:
                 chunk_file.truncate(length_bytes)
             finally:
                 self._refresh(record, chunk_file)
+            return chunk_file.length_bytes
 
-    def sync(self, chunk_id: ChunkId, version: ChunkVersion) -> None:
-        """Make all writes and truncates of the replica durable (fsync of data, then index).
+    def sync(self, chunk_id: ChunkId, version: ChunkVersion) -> int:
+        """Make all writes and truncates of the replica durable (fsync of data, then index);
+        return its durable length.
 
         If the fsync fails the replica is marked damaged and :class:`CorruptReplica` raised:
         after a failed fsync the kernel may have dropped the data, so it is never retried."""
         with self._opened(chunk_id, version) as (record, chunk_file):
-            try:
-                chunk_file.sync()
-            except OSError as exc:
-                self._mark_damaged(chunk_id, record, f"fsync failed: {exc}")
-                raise CorruptReplica(chunk_id, version, f"fsync failed: {exc}") from exc
-            self._refresh(record, chunk_file)
+            self._sync_file(chunk_id, record, chunk_file)
+            return chunk_file.length_bytes
 
     def verify(self, chunk_id: ChunkId, version: ChunkVersion) -> list[int]:
         """Indexes of the replica's bad blocks (empty if all verify), for the scrubber.
@@ -722,14 +747,19 @@ class ChunkStore:
         with self._locks.hold(chunk_id):
             record = self._record(chunk_id, version)
             self._refuse_damaged(chunk_id, record)
-            chunk_file = record.file
-            if chunk_file is None:
-                chunk_file = self._load(chunk_id, record)
-            with self._mutex:
-                self._open_lru[chunk_id] = None
-                self._open_lru.move_to_end(chunk_id)
-            yield record, chunk_file
+            yield record, self._open_file(chunk_id, record)
         self._evict_excess()
+
+    def _open_file(self, chunk_id: ChunkId, record: _Record) -> ChunkFile:
+        """The replica's open file, opened if need be, as the most recently used; caller
+        holds the chunk lock."""
+        chunk_file = record.file
+        if chunk_file is None:
+            chunk_file = self._load(chunk_id, record)
+        with self._mutex:
+            self._open_lru[chunk_id] = None
+            self._open_lru.move_to_end(chunk_id)
+        return chunk_file
 
     def _load(self, chunk_id: ChunkId, record: _Record) -> ChunkFile:
         version = record.meta.version
@@ -763,6 +793,15 @@ class ChunkStore:
             self._used_bytes += meta.disk_bytes - record.meta.disk_bytes
             record.meta = meta
             invariant(self._used_bytes >= 0, f"used bytes went negative: {self._used_bytes}")
+
+    def _sync_file(self, chunk_id: ChunkId, record: _Record, chunk_file: ChunkFile) -> None:
+        """Sync an open replica (caller holds its lock); a failed fsync marks it damaged."""
+        try:
+            chunk_file.sync()
+        except OSError as exc:
+            self._mark_damaged(chunk_id, record, f"fsync failed: {exc}")
+            raise CorruptReplica(chunk_id, record.meta.version, f"fsync failed: {exc}") from exc
+        self._refresh(record, chunk_file)
 
     def _mark_damaged(self, chunk_id: ChunkId, record: _Record, reason: str) -> None:
         _log.error("chunk %#x version %d is damaged: %s", chunk_id, record.meta.version, reason)

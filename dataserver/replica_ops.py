@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from dataserver.chunk_store import (
     BLOCK_SIZE_BYTES,
-    ChecksumError,
     ChunkExists,
     ChunkNotFound,
     ChunkStore,
@@ -39,6 +40,25 @@ request made the change we wanted, so the next look normally finds the right ver
 CORRUPT_REPORTS_PENDING_MAX = 1_000
 """Corrupt replicas waiting to be reported to the metaserver; beyond that the oldest are
 dropped (they are still marked corrupt in the next full report)."""
+
+
+T = TypeVar("T")
+
+
+class VersionedRequest(Protocol):
+    """What a mutating request says about the version it needs (the wire's write,
+    truncate and sync requests all do; see :mod:`wire.dataserver_ops`)."""
+
+    @property
+    def chunk_id(self) -> ChunkId: ...
+    @property
+    def version(self) -> ChunkVersion: ...
+    @property
+    def base_version(self) -> ChunkVersion | None: ...
+    @property
+    def base_length_bytes(self) -> int | None: ...
+    @property
+    def compressed(self) -> bool: ...
 
 
 class VersionRefused(Exception):
@@ -139,9 +159,12 @@ class ReplicaOps:
         version: ChunkVersion,
         base_version: ChunkVersion | None,
         compressed: bool,
+        base_length_bytes: int | None = None,
     ) -> None:
         """Make the stored replica be ``(chunk_id, version)`` for a mutating request.
 
+        Deriving ``version`` from the stored ``base_version`` drops the bytes past
+        ``base_length_bytes`` (when given: the part of the base that is file data).
         Raises :class:`VersionRefused` when the stored replica is newer, or older but not
         the base (it missed updates), or missing while a base is named; and
         :class:`CorruptReplica` when it is known to be corrupt.
@@ -176,12 +199,14 @@ class ReplicaOps:
                     f" base {base_version} of version {version} (it missed updates)"
                 )
             try:
-                self.store.bump_version(chunk_id, stored.version, version)
+                length = self.store.bump_version(
+                    chunk_id, stored.version, version, keep_bytes=base_length_bytes
+                )
             except (StaleVersion, ChunkNotFound):
                 continue
             log.info("chunk %#x: version %d derived from %d", chunk_id, version, stored.version)
             self.changes.remove(chunk_id, stored.version)
-            self.changes.add(ReplicaReport(chunk_id, version, stored.length_bytes, False))
+            self.changes.add(ReplicaReport(chunk_id, version, length, False))
             return
         raise VersionRefused(f"chunk {chunk_id:#x}: version {version} kept changing under us")
 
@@ -202,56 +227,59 @@ class ReplicaOps:
 
     # ---- mutations -----------------------------------------------------------------------
 
-    def write(
+    def _mutate(
         self,
-        chunk_id: ChunkId,
-        version: ChunkVersion,
-        base_version: ChunkVersion | None,
-        compressed: bool,
-        offset: int,
-        data: bytes | bytearray | memoryview,
+        request: VersionedRequest,
+        step: str,
+        operation: Callable[[], T],
+    ) -> T:
+        """Run ``operation`` on the replica at the request's version.
+
+        The common case, the replica already at that version, costs the operation alone
+        (one locked call into the store); only when the store refuses it as missing or of
+        another version does :meth:`prepare` create or derive the replica, and the
+        operation runs once more. A block found corrupt on the way marks the replica."""
+        self.check_readable(request.chunk_id, request.version)
+        try:
+            try:
+                return operation()
+            except (ChunkNotFound, StaleVersion):
+                self.prepare(
+                    request.chunk_id,
+                    request.version,
+                    request.base_version,
+                    request.compressed,
+                    request.base_length_bytes,
+                )
+            return operation()
+        except CorruptReplica as error:
+            self._note_corrupt(request.chunk_id, request.version, step, error.reason)
+            raise
+
+    def write(
+        self, request: VersionedRequest, offset: int, data: bytes | bytearray | memoryview
     ) -> int:
         """Write at ``offset``; return the replica's length after it."""
-        self.prepare(chunk_id, version, base_version, compressed)
-        try:
-            self.store.write(chunk_id, version, offset, data)
-        except ChecksumError as error:
-            self._note_corrupt(chunk_id, version, "write", str(error))
-            raise
-        return self.store.stat(chunk_id).length_bytes
+        return self._mutate(
+            request,
+            "write",
+            lambda: self.store.write(request.chunk_id, request.version, offset, data),
+        )
 
-    def truncate(
-        self,
-        chunk_id: ChunkId,
-        version: ChunkVersion,
-        base_version: ChunkVersion | None,
-        compressed: bool,
-        length_bytes: int,
-    ) -> int:
-        self.prepare(chunk_id, version, base_version, compressed)
-        try:
-            self.store.truncate(chunk_id, version, length_bytes)
-        except ChecksumError as error:
-            self._note_corrupt(chunk_id, version, "truncate", str(error))
-            raise
-        return self.store.stat(chunk_id).length_bytes
+    def truncate(self, request: VersionedRequest, length_bytes: int) -> int:
+        """Set the replica's length (durable after :meth:`sync`); return it."""
+        return self._mutate(
+            request,
+            "truncate",
+            lambda: self.store.truncate(request.chunk_id, request.version, length_bytes),
+        )
 
-    def sync(
-        self,
-        chunk_id: ChunkId,
-        version: ChunkVersion,
-        base_version: ChunkVersion | None,
-        compressed: bool,
-    ) -> int:
+    def sync(self, request: VersionedRequest) -> int:
         """fsync the replica; report its durable length; return it."""
-        self.prepare(chunk_id, version, base_version, compressed)
-        try:
-            self.store.sync(chunk_id, version)
-        except CorruptReplica as error:
-            self._note_corrupt(chunk_id, version, "sync", error.reason)
-            raise
-        length = self.store.stat(chunk_id).length_bytes
-        self.changes.add(ReplicaReport(chunk_id, version, length, False))
+        length = self._mutate(
+            request, "sync", lambda: self.store.sync(request.chunk_id, request.version)
+        )
+        self.changes.add(ReplicaReport(request.chunk_id, request.version, length, False))
         return length
 
     def delete(self, chunk_id: ChunkId, version: ChunkVersion) -> bool:
@@ -275,11 +303,10 @@ class ReplicaOps:
         """(data, replica length); a checksum failure marks the replica corrupt."""
         self.check_readable(chunk_id, version)
         try:
-            data = self.store.read(chunk_id, version, offset, size)
+            return self.store.read_with_length(chunk_id, version, offset, size)
         except CorruptReplica as error:
             self._note_corrupt(chunk_id, version, "read", error.reason)
             raise
-        return data, self.store.stat(chunk_id).length_bytes
 
     def info(self, chunk_id: ChunkId, version: ChunkVersion) -> ReplicaInfo:
         info = self.store.stat(chunk_id)

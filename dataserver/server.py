@@ -51,6 +51,7 @@ from dataserver.data_dir import DataDir, DataDirError, open_data_dir
 from dataserver.metaserver_link import MetaserverLink
 from dataserver.replica_ops import ReplicaOps, VersionRefused
 from dataserver.scrubber import scrub_forever
+from wire import schema
 from wire.address import Address, parse_address
 from wire.cluster_ops import ReplicaReport, Space
 from wire.config import Config, ConfigError, load_config
@@ -108,6 +109,7 @@ REPLICATIONS_IN_FLIGHT_MAX = 4
 REPLICATE_CALL_TIMEOUT_S = 30.0
 
 LocalStep = Callable[[], int]
+PipelineRequest = TypeVar("PipelineRequest", WriteRequest, TruncateRequest, SyncRequest)
 T = TypeVar("T")
 
 
@@ -225,93 +227,53 @@ class Dataserver:
     # ---- the write pipeline --------------------------------------------------------------
 
     async def handle_write(self, request: WriteRequest, context: CallContext) -> PipelineReply:
-        self._check_token(request.token, request.chunk_id, request.version, AccessMode.WRITE)
-        self._check_downstream(request.downstream)
         data = context.payload if context.payload is not None else b""
         if len(data) > WRITE_BYTES_MAX or request.offset < 0:
             raise RpcError(errno.EINVAL, f"write of {len(data)} bytes at {request.offset}")
-
-        async def forward(address: str, rest: tuple[str, ...]) -> PipelineReply:
-            reply, _ = await self.peers.call(
-                address,
-                WRITE,
-                replace(request, downstream=rest),
-                payload=data,
-                timeout_s=pipeline_timeout_s(len(rest)),
-            )
-            return reply
-
-        def local() -> int:
-            return self.ops.write(
-                request.chunk_id,
-                request.version,
-                request.base_version,
-                request.compressed,
-                request.offset,
-                data,
-            )
-
-        self.active_writes += 1
-        try:
-            return await self._pipeline(request.downstream, forward, local)
-        finally:
-            self.active_writes -= 1
+        return await self._pipelined(
+            WRITE, request, partial(self.ops.write, request, request.offset, data), data
+        )
 
     async def handle_truncate(
         self, request: TruncateRequest, _context: CallContext
     ) -> PipelineReply:
+        return await self._pipelined(
+            TRUNCATE, request, partial(self.ops.truncate, request, request.length_bytes)
+        )
+
+    async def handle_sync(self, request: SyncRequest, _context: CallContext) -> PipelineReply:
+        try:
+            return await self._pipelined(SYNC, request, partial(self.ops.sync, request))
+        finally:
+            self.wake_link()
+
+    async def _pipelined(
+        self,
+        method: schema.Method[PipelineRequest, PipelineReply],
+        request: PipelineRequest,
+        local: LocalStep,
+        payload: bytes | bytearray | memoryview | None = None,
+    ) -> PipelineReply:
+        """Serve one pipeline request: check it, forward it (with ``payload``) to the next
+        member, run ``local`` (the replica operation, in a thread) meanwhile."""
         self._check_token(request.token, request.chunk_id, request.version, AccessMode.WRITE)
         self._check_downstream(request.downstream)
 
         async def forward(address: str, rest: tuple[str, ...]) -> PipelineReply:
             reply, _ = await self.peers.call(
                 address,
-                TRUNCATE,
+                method,
                 replace(request, downstream=rest),
+                payload=payload,
                 timeout_s=pipeline_timeout_s(len(rest)),
             )
             return reply
-
-        def local() -> int:
-            return self.ops.truncate(
-                request.chunk_id,
-                request.version,
-                request.base_version,
-                request.compressed,
-                request.length_bytes,
-            )
 
         self.active_writes += 1
         try:
             return await self._pipeline(request.downstream, forward, local)
         finally:
             self.active_writes -= 1
-
-    async def handle_sync(self, request: SyncRequest, _context: CallContext) -> PipelineReply:
-        self._check_token(request.token, request.chunk_id, request.version, AccessMode.WRITE)
-        self._check_downstream(request.downstream)
-
-        async def forward(address: str, rest: tuple[str, ...]) -> PipelineReply:
-            reply, _ = await self.peers.call(
-                address,
-                SYNC,
-                replace(request, downstream=rest),
-                timeout_s=pipeline_timeout_s(len(rest)),
-            )
-            return reply
-
-        def local() -> int:
-            return self.ops.sync(
-                request.chunk_id, request.version, request.base_version, request.compressed
-            )
-
-        self.active_writes += 1
-        try:
-            reply = await self._pipeline(request.downstream, forward, local)
-        finally:
-            self.active_writes -= 1
-        self.wake_link()
-        return reply
 
     async def _pipeline(
         self,
@@ -367,7 +329,7 @@ class Dataserver:
             raise member_failure(failed, code, "; ".join(reasons))
         invariant(isinstance(local_outcome, int), "local step gave no length")
         assert isinstance(local_outcome, int)
-        members = (MemberAck(self.address, self.incarnation),)
+        members: tuple[MemberAck, ...] = (MemberAck(self.address, self.incarnation),)
         if isinstance(downstream_outcome, PipelineReply):
             members += downstream_outcome.members
         return PipelineReply(local_outcome, members)

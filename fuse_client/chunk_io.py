@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol, TypeVar
 
 import trio
@@ -100,7 +101,9 @@ class ChunkPlacement:
     ``replicas`` is the write pipeline order (the metaserver's choice) and the set of
     replicas to read from; ``base_version`` is the version this one derives from (None
     for a new chunk); ``token`` is signed for ``(chunk_id, version)`` (a write token for
-    writing; either kind for reading).
+    writing; either kind for reading).  ``base_length_bytes`` is the committed length of
+    the base version (``WritableChunk.length``): replicas deriving this version drop the
+    bytes past it, which an earlier writer left uncommitted; None keeps every byte.
     """
 
     chunk_id: ChunkId
@@ -109,6 +112,7 @@ class ChunkPlacement:
     replicas: tuple[str, ...]
     token: ChunkToken
     compressed: bool = False
+    base_length_bytes: int | None = None
 
 
 class ChunkIoError(Exception):
@@ -345,6 +349,7 @@ class ChunkWriter:
             placement.compressed,
             placement.token,
             chain[1:],
+            placement.base_length_bytes,
         )
         try:
             reply, _ = await self._pool.call(
@@ -436,6 +441,7 @@ class ChunkWriter:
                 placement.compressed,
                 placement.token,
                 placement.replicas[1:],
+                placement.base_length_bytes,
             ),
         )
         self.length_bytes = reply.length_bytes
@@ -455,6 +461,7 @@ class ChunkWriter:
                 placement.compressed,
                 placement.token,
                 placement.replicas[1:],
+                placement.base_length_bytes,
             ),
         )
         self.length_bytes = reply.length_bytes
@@ -481,13 +488,17 @@ class ChunkWriter:
         did not acknowledge, in order.
 
         The placement is a new version of the chunk on the survivors; or, while nothing
-        was ever acknowledged (:attr:`acknowledged`), a new chunk altogether."""
+        was ever acknowledged (:attr:`acknowledged`), a new chunk altogether.  Once
+        something was acknowledged the survivors hold it past the committed length, so
+        their new version keeps every byte (``base_length_bytes`` is not sent)."""
         await self._drain()
         invariant(
             placement.chunk_id == self.placement.chunk_id
             or (not self.acknowledged and placement.base_version is None),
             "retarget to another chunk after the chain acknowledged data",
         )
+        if self.acknowledged:
+            placement = replace(placement, base_length_bytes=None)
         self.placement = placement
         self._failure = None
         self._incarnations = {
@@ -778,7 +789,7 @@ class PlacedFile:
             chunk_offset = start - index * self.chunk_size_bytes
             size = min(len(view) - position, self.chunk_size_bytes - chunk_offset)
             piece = view[position : position + size]
-            await self._recovering(index, lambda w, o=chunk_offset, p=piece: w.write(o, p))
+            await self._recovering(index, partial(_write_to, offset=chunk_offset, data=piece))
             position += size
         self.length_bytes = max(self.length_bytes, offset + len(view))
 
@@ -858,15 +869,10 @@ class PlacedFile:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+async def _write_to(writer: ChunkWriter, *, offset: int, data: Payload) -> None:
+    await writer.write(offset, data)
+
+
 def survivors_of(placement: ChunkPlacement, failed: Sequence[str]) -> tuple[str, ...]:
     """The replicas of ``placement`` that are not in ``failed``, in pipeline order."""
     return tuple(address for address in placement.replicas if address not in failed)
-
-
-def with_version(
-    placement: ChunkPlacement, version: ChunkVersion, replicas: tuple[str, ...], token: ChunkToken
-) -> ChunkPlacement:
-    """``placement`` moved to ``version`` (derived from its current one) on ``replicas``."""
-    return replace(
-        placement, version=version, base_version=placement.version, replicas=replicas, token=token
-    )

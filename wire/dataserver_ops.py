@@ -27,7 +27,13 @@ mutating request (write, truncate, sync) whose ``base_version`` equals W turns t
 into version V first (a rename: the metaserver bumped the version after a pipeline
 failure); any other request is refused with STALE_VERSION, because the replica missed
 updates.  No replica stored: a mutating request with ``base_version`` None creates an
-empty replica (atomically) first; otherwise ENOENT.
+empty replica (atomically) first; otherwise ENOENT.  A mutating request may also carry
+``base_length_bytes``, how much of the base version is file data (the length the
+metaserver committed for it): deriving V then drops the bytes past it, durably, before
+the rename, so bytes an earlier writer left uncommitted never reappear in V.  A writer
+sends it only while no request of V has been acknowledged; after that (a version derived
+for the survivors of a failed pipeline) it sends None, since the survivors hold
+acknowledged data past the committed length.
 
 Addresses travel as ``"host:port"`` strings (:func:`wire.address.parse_address`).
 """
@@ -119,6 +125,7 @@ class WriteRequest:
     compressed: bool
     token: ChunkToken
     downstream: tuple[str, ...]
+    base_length_bytes: int | None = None
 
 
 @schema.message("data.truncate")
@@ -133,6 +140,7 @@ class TruncateRequest:
     compressed: bool
     token: ChunkToken
     downstream: tuple[str, ...]
+    base_length_bytes: int | None = None
 
 
 @schema.message("data.sync")
@@ -146,6 +154,7 @@ class SyncRequest:
     compressed: bool
     token: ChunkToken
     downstream: tuple[str, ...]
+    base_length_bytes: int | None = None
 
 
 @schema.message("data.read")

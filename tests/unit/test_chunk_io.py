@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -164,3 +165,36 @@ async def test_sequential_reads_are_served_from_read_ahead(tmp_path: Path) -> No
         assert got == data[:CHUNK]
         fetched = sum(reader.bytes_from.values())
         assert fetched == CHUNK, "read-ahead fetched the chunk once, not once per small read"
+
+
+async def test_a_new_version_drops_uncommitted_bytes_but_a_retarget_keeps_acknowledged_ones(
+    tmp_path: Path,
+) -> None:
+    """v1 holds 1000 bytes, of which 600 were committed.  v2, opened with that committed
+    length, starts from exactly 600 bytes on every replica; when v2's pipeline then fails
+    after a write was acknowledged, the survivors' v3 keeps that write although the
+    metaserver still names 600 as the committed length."""
+    async with in_process_cluster(tmp_path, 3) as (cluster, meta, pool, addresses):
+        first = await meta.allocate(0)
+        writer = ChunkWriter(pool, first)
+        await writer.write(0, b"o" * 1000)
+        await writer.sync()
+        opened = replace(await meta.open_for_write(0, first), base_length_bytes=600)
+        writer = ChunkWriter(pool, opened)
+        await writer.write(800, b"new")
+        await writer.flush()
+        expected = b"o" * 600 + bytes(200) + b"new"
+        for address in opened.replicas:
+            assert await ChunkReader(pool, replace(opened, replicas=(address,))).read(0, 2000) == (
+                expected
+            )
+        await cluster.restart(addresses[2], "ds2")
+        with pytest.raises(PipelineFailed) as caught:
+            await writer.sync()
+        renewed = await meta.renew(0, opened, caught.value.failed)
+        await writer.retarget(replace(renewed, base_length_bytes=600))
+        assert await writer.sync() == len(expected)
+        for address in renewed.replicas:
+            assert await ChunkReader(pool, replace(renewed, replicas=(address,))).read(0, 2000) == (
+                expected
+            )
