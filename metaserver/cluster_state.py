@@ -226,7 +226,7 @@ class _PendingReport:
 @dataclass
 class ServerRecord:
     """One dataserver, as this reign knows it: registered, or (``registered`` False)
-    known only from the mode table, silent, with the address the table remembers."""
+    known only from the mode table, with the address the table remembers."""
 
     dataserver_id: DataserverId
     address: str
@@ -524,9 +524,10 @@ class ClusterState:
         """The namespace's dataserver-mode table becomes this reign's admin states.
 
         A dataserver without a row is normal; one with a row that has not registered in
-        this reign is known from now on, silent, in its mode (rule 7), and stays known (as
-        dead, like any silent dataserver) when its row goes.  Idempotent: installing the
-        same table changes nothing.
+        this reign is known from now on, in its mode (rule 7), as not heard from since
+        ``now_s`` (so it is dead ``dead_after_s`` later, like any silent dataserver, or at
+        once if its row goes first).  Idempotent: installing the same table changes
+        nothing.
         """
         wanted = {entry.dataserver: entry for entry in entries}
         for ds, record in self.servers.items():
@@ -534,6 +535,8 @@ class ClusterState:
             state = None if entry is None else ADMIN_STATE_OF_MODE[entry.mode]
             if record.admin_state is not state:
                 self.set_admin_state(ds, state)
+            if not record.registered and state is None:
+                record.alive = False
         for ds, entry in wanted.items():
             if ds in self.servers:
                 continue
@@ -545,7 +548,6 @@ class ClusterState:
                 UNREGISTERED_INCARNATION,
                 Space(0, 0, 0, 0),
                 now_s,
-                alive=False,
                 admin_state=state,
                 registered=False,
             )

@@ -80,6 +80,16 @@ def test_a_server_in_maintenance_in_the_table_is_known_before_it_registers() -> 
     assert tally.replicas_wanted == 0 and tally.counted == {(3, 2): 1}
 
 
+def test_a_decommissioning_server_not_heard_from_yet_is_dead_only_after_dead_after_s() -> None:
+    script = new_reign_without_a((row(A, DataserverMode.DECOMMISSION),))
+    assert script.state.state_of(A) is ServerState.DECOMMISSIONING
+    script.advance(DEAD_AFTER_S + 1)
+    for ds in (B, C, D):
+        script.heartbeat(ds)
+    assert script.state.check_liveness(script.now) == [A]
+    assert script.state.state_of(A) is ServerState.DEAD
+
+
 def test_the_presumption_ends_with_the_servers_full_report() -> None:
     script = new_reign_without_a(MAINTENANCE_A)
     assert not copies(script.round([B, C, D]))
