@@ -17,8 +17,10 @@ Contract, in short:
   ``FORMAT`` keeps a second store (or process) out. Leftover temporary files of a crashed
   process are removed at open.
 * The API is synchronous and thread-safe. Calls on different chunks run concurrently (file
-  I/O, CRC32C and zstd release the GIL); calls on one chunk are serialised by a per-chunk
-  lock. The dataserver calls it through ``trio.to_thread.run_sync``.
+  I/O, CRC32C and zstd release the GIL); on one chunk, reads (read, verify, raw block
+  reads) run side by side and every other call runs alone, under a per-chunk shared lock
+  that lets a waiting writer go before new readers. The dataserver calls it through
+  ``trio.to_thread.run_sync``.
 
 At most ``open_replicas_max`` replica files are kept open (two-slot index in memory); the
 least recently used is closed beyond that, after a :meth:`sync` if it has unsynced writes
@@ -174,40 +176,100 @@ class _Record:
         self.file = file
 
 
+class _SharedLock:
+    """A lock held by one exclusive owner or by many shared ones (readers).
+
+    Writer-preferring: once an exclusive owner waits, new shared owners wait behind it, so
+    a stream of reads cannot starve a write of the same chunk."""
+
+    __slots__ = ("_changed", "_shared", "_exclusive", "_exclusive_waiting")
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._changed:
+            while self._exclusive or self._exclusive_waiting:
+                self._changed.wait()
+            self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._changed:
+            invariant(self._shared > 0, "shared lock released more often than taken")
+            self._shared -= 1
+            if self._shared == 0:
+                self._changed.notify_all()
+
+    def acquire(self, *, blocking: bool = True) -> bool:
+        with self._changed:
+            if self._exclusive or self._shared:
+                if not blocking:
+                    return False
+                self._exclusive_waiting += 1
+                try:
+                    while self._exclusive or self._shared:
+                        self._changed.wait()
+                finally:
+                    self._exclusive_waiting -= 1
+            self._exclusive = True
+            return True
+
+    def release(self) -> None:
+        with self._changed:
+            invariant(self._exclusive, "exclusive lock released but not held")
+            self._exclusive = False
+            self._changed.notify_all()
+
+
 class _ChunkLocks:
-    """One lock per chunk id, created on first use and dropped when nobody holds or waits."""
+    """One :class:`_SharedLock` per chunk id, created on first use and dropped when nobody
+    holds or waits for it."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._locks: dict[ChunkId, tuple[threading.Lock, list[int]]] = {}
+        self._locks: dict[ChunkId, tuple[_SharedLock, list[int]]] = {}
 
-    def _enter(self, chunk_id: ChunkId) -> tuple[threading.Lock, list[int]]:
+    def _enter(self, chunk_id: ChunkId) -> tuple[_SharedLock, list[int]]:
         with self._mutex:
             entry = self._locks.get(chunk_id)
             if entry is None:
-                entry = (threading.Lock(), [0])
+                entry = (_SharedLock(), [0])
                 self._locks[chunk_id] = entry
             entry[1][0] += 1
             return entry
 
-    def _leave(self, chunk_id: ChunkId, entry: tuple[threading.Lock, list[int]]) -> None:
+    def _leave(self, chunk_id: ChunkId, entry: tuple[_SharedLock, list[int]]) -> None:
         with self._mutex:
             entry[1][0] -= 1
             if entry[1][0] == 0:
                 del self._locks[chunk_id]
 
     @contextmanager
-    def hold(self, chunk_id: ChunkId) -> Iterator[None]:
+    def hold(self, chunk_id: ChunkId, *, shared: bool = False) -> Iterator[None]:
+        """Hold the chunk's lock: alone, or (``shared``) beside other shared holders."""
         entry = self._enter(chunk_id)
         try:
-            with entry[0]:
-                yield
+            if shared:
+                entry[0].acquire_shared()
+                try:
+                    yield
+                finally:
+                    entry[0].release_shared()
+            else:
+                entry[0].acquire()
+                try:
+                    yield
+                finally:
+                    entry[0].release()
         finally:
             self._leave(chunk_id, entry)
 
     @contextmanager
     def try_hold(self, chunk_id: ChunkId) -> Iterator[bool]:
-        """Yield True holding the lock, or False at once if someone else holds it."""
+        """Yield True holding the lock alone, or False at once if anyone else holds it."""
         entry = self._enter(chunk_id)
         try:
             acquired = entry[0].acquire(blocking=False)
@@ -257,6 +319,7 @@ class ChunkStore:
         self._open_lru: OrderedDict[ChunkId, None] = OrderedDict()
         self._used_bytes = 0
         self._locks = _ChunkLocks()
+        self._load_mutex = threading.Lock()
         self._stage_counter = itertools.count()
         self._closed = False
         os.makedirs(self.directory, exist_ok=True)
@@ -599,7 +662,7 @@ class ChunkStore:
         self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
     ) -> tuple[bytes, int]:
         """:meth:`read`, and the replica's length at the time of the read."""
-        with self._opened(chunk_id, version) as (_, chunk_file):
+        with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
             return chunk_file.read(offset, size), chunk_file.length_bytes
 
     def truncate(self, chunk_id: ChunkId, version: ChunkVersion, length_bytes: int) -> int:
@@ -632,7 +695,7 @@ class ChunkStore:
         bad: list[int] = []
         first = 0
         while True:
-            with self._opened(chunk_id, version) as (_, chunk_file):
+            with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
                 block_count = chunk_file.layout.block_count
                 bad.extend(chunk_file.verify(first, VERIFY_BATCH_BLOCKS))
             first += VERIFY_BATCH_BLOCKS
@@ -644,7 +707,7 @@ class ChunkStore:
     ) -> RawBlock | None:
         """Block ``block_index`` as stored (verified), or None for a hole; for copying a
         replica to another dataserver without recompressing it."""
-        with self._opened(chunk_id, version) as (_, chunk_file):
+        with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
             return chunk_file.read_raw_block(block_index)
 
     # ---- reports -------------------------------------------------------------------------
@@ -740,14 +803,23 @@ class ChunkStore:
 
     @contextmanager
     def _opened(
-        self, chunk_id: ChunkId, version: ChunkVersion
+        self, chunk_id: ChunkId, version: ChunkVersion, *, shared: bool = False
     ) -> Iterator[tuple[_Record, ChunkFile]]:
-        """Hold the chunk lock and yield the fenced, open replica."""
+        """Hold the chunk lock and yield the fenced, open replica.
+
+        ``shared`` is for calls that only read the replica (they may run side by side);
+        they must not change the record or the file."""
         self._check_open()
-        with self._locks.hold(chunk_id):
+        with self._locks.hold(chunk_id, shared=shared):
             record = self._record(chunk_id, version)
             self._refuse_damaged(chunk_id, record)
-            yield record, self._open_file(chunk_id, record)
+            if shared:
+                # Opening the file changes the record: one shared holder at a time does it.
+                with self._load_mutex:
+                    chunk_file = self._open_file(chunk_id, record)
+            else:
+                chunk_file = self._open_file(chunk_id, record)
+            yield record, chunk_file
         self._evict_excess()
 
     def _open_file(self, chunk_id: ChunkId, record: _Record) -> ChunkFile:
