@@ -2,10 +2,12 @@
 
 Run ``python -m benchmarks.bench_wire``.  The server runs in a separate
 process (as it would in a cluster), the client here; both on 127.0.0.1.
-Prints small calls/s with 64 concurrent calls on one connection, and MiB/s of
-4 MiB payloads sent to the server (upload) and fetched from it (download),
-beside a baseline: raw ``send_all``/``receive_some`` of the same bytes over a
-plain trio TCP stream, measured in the same run.
+Prints the p50 latency of one small call at a time, small calls/s with 64
+concurrent calls on one connection (with the CPU time each side spends per
+call: what bounds a busy server), one-way messages/s, and MiB/s of 4 MiB
+payloads sent to the server (upload) and fetched from it (download), beside a
+baseline: raw ``send_all``/``receive_some`` of the same bytes over a plain trio
+TCP stream, measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Ping:
 
 
 PING = schema.Method("bench.ping", Ping, Ping)
+NOTE = schema.Method("bench.note", Ping, type(None), one_way=True)
 UPLOAD = schema.Method("bench.upload", Ping, Ping, carries_payload=True)
 DOWNLOAD = schema.Method("bench.download", Ping, Ping, returns_payload=True)
 
@@ -43,6 +46,10 @@ _blob = bytes(PAYLOAD_BYTES)
 
 async def _ping(request: Ping, _context: CallContext) -> Ping:
     return Ping(request.value + 1)
+
+
+async def _note(_request: Ping, _context: CallContext) -> None:
+    return None
 
 
 async def _upload(_request: Ping, context: CallContext) -> Ping:
@@ -61,6 +68,7 @@ async def _raw_sink(stream: trio.SocketStream) -> None:
 async def run_server(port_file: str) -> None:
     handlers = Handlers()
     handlers.register(PING, _ping)
+    handlers.register(NOTE, _note)
     handlers.register(UPLOAD, _upload)
     handlers.register(DOWNLOAD, _download)
     async with trio.open_nursery() as nursery:
@@ -72,9 +80,25 @@ async def run_server(port_file: str) -> None:
         os.rename(port_file + ".tmp", port_file)
 
 
-async def run_client(port: int, raw_port: int, seconds: float) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_client(port: int, raw_port: int, seconds: float, server_pid: int) -> None:
     address = Address("127.0.0.1", port)
     async with open_connection(address, KEY, name="bench") as connection:
+        latencies = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await connection.call(PING, Ping(0), timeout_s=10.0)
+            latencies.append(time.perf_counter() - started)
+        latencies.sort()
+        p50_us = latencies[len(latencies) // 2] * 1e6
+        print(f"one call at a time:                  p50 {p50_us:8,.0f} us")
+
         calls = 0
         deadline = time.perf_counter() + seconds
 
@@ -85,11 +109,26 @@ async def run_client(port: int, raw_port: int, seconds: float) -> None:
                 calls += 1
 
         started = time.perf_counter()
+        client_cpu, server_cpu = time.process_time(), cpu_seconds(server_pid)
         async with trio.open_nursery() as nursery:
             for _ in range(64):
                 nursery.start_soon(caller)
         rate = calls / (time.perf_counter() - started)
-        print(f"small calls, 64 concurrent, one connection: {rate:10,.0f} calls/s")
+        client_us = (time.process_time() - client_cpu) * 1e6 / calls
+        server_us = (cpu_seconds(server_pid) - server_cpu) * 1e6 / calls
+        print(
+            f"small calls, 64 concurrent, one connection: {rate:10,.0f} calls/s"
+            f"  (CPU us/call: client {client_us:.0f}, server {server_us:.0f})"
+        )
+
+        notes = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            await connection.notify(NOTE, Ping(notes))
+            notes += 1
+        await connection.call(PING, Ping(0), timeout_s=30.0)  # every note was handled
+        rate = notes / (time.perf_counter() - started)
+        print(f"one-way messages, one sender:        {rate:10,.0f} messages/s")
 
         upload_mib_s = await _measure(
             seconds, lambda: connection.call(UPLOAD, Ping(0), payload=_blob)
@@ -131,7 +170,7 @@ def main() -> None:
                 break
             time.sleep(0.01)
         port, raw_port = (int(x) for x in open(port_file).read().split())
-        trio.run(run_client, port, raw_port, args.seconds)
+        trio.run(run_client, port, raw_port, args.seconds, server.pid)
     finally:
         server.terminate()
         server.wait()

@@ -45,13 +45,8 @@ class PaxosBatch:
     messages: tuple[PaxosMessage, ...]  # type: ignore[valid-type]
 
 
-@schema.message("metaserver.paxos_batch_ack")
-@dataclass(frozen=True)
-class PaxosBatchAck:
-    accepted: int
-
-
-PAXOS_DELIVER = schema.Method("metaserver.paxos_deliver", PaxosBatch, PaxosBatchAck)
+PAXOS_DELIVER = schema.Method("metaserver.paxos_deliver", PaxosBatch, type(None), one_way=True)
+"""One-way: the core's own messages are the acknowledgements (see :mod:`metaserver.peers`)."""
 
 
 @schema.message("metaserver.heard_from")

@@ -1,16 +1,20 @@
 """Links between metaservers: Paxos messages out, Paxos messages in.
 
 Each peer has a bounded outbox and one sender task that keeps an authenticated
-connection open and ships whatever accumulated as one :class:`PaxosBatch` per call,
-with up to ``BATCHES_IN_FLIGHT_MAX`` calls outstanding, so a busy leader sends few
-large calls without waiting a round trip between them.  Losing messages is harmless
-to Paxos (the core retransmits), so a full outbox drops its oldest messages and a
-failed call drops its batch; the link then reconnects with back-off.  Peers can be
-added while running (a replica that joined the group).
+connection open and ships whatever accumulated as one one-way :class:`PaxosBatch`
+(``RpcConnection.notify``): no reply travels back, since the core's own messages
+(Accepted, HeartbeatAck...) are the acknowledgements, and a reply frame per batch
+would double the frames, wake-ups and CPU of every consensus round.  Frames that
+several tasks queue in one scheduler pass leave in one write.  Losing messages is
+harmless to Paxos (the core retransmits), so a full outbox drops its oldest messages
+and a broken connection drops what it carried; the link then reconnects with
+back-off.  Peers can be added while running (a replica that joined the group).
 
 Inbound batches are accepted only from a connection whose authenticated peer name is
 ``metaserver-<sender>`` and whose every message names that sender: the cluster key
-authenticates the process, the name binds it to one id.
+authenticates the process, the name binds it to one id.  A batch that breaks this
+closes the connection (a one-way message has no error reply), and the receiver logs
+why.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 import trio
 
-from metaserver.codec import MESSAGES_PER_BATCH_MAX, PAXOS_DELIVER, PaxosBatch, PaxosBatchAck
+from metaserver.codec import MESSAGES_PER_BATCH_MAX, PAXOS_DELIVER, PaxosBatch
 from wire.address import Address
 from wire.errors import RpcError
 from wire.rpc import CallContext, RpcConnection
@@ -32,8 +36,7 @@ from wire.transport import connect
 log = logging.getLogger(__name__)
 
 OUTBOX_MESSAGES_MAX = 16_384
-BATCHES_IN_FLIGHT_MAX = 4
-CALL_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 0.5
 
@@ -50,9 +53,8 @@ class _Link:
         self.address = address
         self.outbox: deque[Any] = deque()
         self.wakeup = trio.Event()
-        self.connection: RpcConnection | None = None
-        self.in_flight = trio.Semaphore(BATCHES_IN_FLIGHT_MAX)
-        self.failed = trio.Event()
+        self.readdressed = False
+        self.batches_sent = 0
 
 
 class PeerLinks:
@@ -64,7 +66,6 @@ class PeerLinks:
         self._links: dict[int, _Link] = {}
         self._nursery: trio.Nursery | None = None
         self.dropped_messages = 0
-        self.last_contact_s: dict[int, float] = {}
         for node, address in addresses.items():
             self.set_address(node, address)
 
@@ -79,7 +80,8 @@ class PeerLinks:
                 self._nursery.start_soon(self._peer_loop, peer)
         elif link.address != address:
             link.address = address
-            link.failed.set()
+            link.readdressed = True
+            link.wakeup.set()
 
     def send(self, peer: int, messages: list[Any]) -> None:
         """Queue ``messages`` for ``peer``; never blocks (drops the oldest when full)."""
@@ -106,63 +108,49 @@ class PeerLinks:
         link = self._links[peer]
         delay_s = RECONNECT_DELAY_S_MIN
         while True:
-            async with trio.open_nursery() as calls:
+            link.readdressed = False
+            shipped_before = link.batches_sent
+            async with trio.open_nursery() as connection_nursery:
                 try:
-                    while True:
-                        await link.wakeup.wait()
-                        link.wakeup = trio.Event()
-                        while link.outbox:
-                            if link.failed.is_set():
-                                raise _LinkBroken
-                            connection = await self._connected(link, calls)
-                            await link.in_flight.acquire()
-                            count = min(len(link.outbox), MESSAGES_PER_BATCH_MAX)
-                            batch = tuple(link.outbox.popleft() for _ in range(count))
-                            calls.start_soon(self._ship, peer, link, connection, batch)
-                        if link.failed.is_set():
-                            raise _LinkBroken
-                        delay_s = RECONNECT_DELAY_S_MIN
+                    await self._ship_until_broken(link, connection_nursery)
                 except (_LinkBroken, RpcError) as error:
                     log.debug("link to metaserver %d: %r", peer, error)
-                    calls.cancel_scope.cancel()
-            if link.connection is not None:
-                await link.connection.aclose()
-                link.connection = None
+                connection_nursery.cancel_scope.cancel()
             link.outbox.clear()  # stale by the time we reconnect; the core resends
-            link.failed = trio.Event()
-            link.in_flight = trio.Semaphore(BATCHES_IN_FLIGHT_MAX)
+            if link.batches_sent != shipped_before:
+                delay_s = RECONNECT_DELAY_S_MIN  # it worked until now: retry soon
             await trio.sleep(delay_s)
             delay_s = min(delay_s * 2, RECONNECT_DELAY_S_MAX)
 
-    async def _connected(self, link: _Link, nursery: trio.Nursery) -> RpcConnection:
-        if link.connection is None or link.connection.closed:
-            link.connection = await connect(
-                link.address,
-                self._key,
-                nursery,
-                name=peer_name(self._self_id),
-                timeout_s=CALL_TIMEOUT_S,
-            )
-        return link.connection
-
-    async def _ship(
-        self, peer: int, link: _Link, connection: RpcConnection, batch: tuple[Any, ...]
-    ) -> None:
+    async def _ship_until_broken(self, link: _Link, nursery: trio.Nursery) -> None:
+        """Ship the outbox in batches as it fills, until the link must be rebuilt."""
+        connection: RpcConnection | None = None
         try:
-            await connection.call(
-                PAXOS_DELIVER, PaxosBatch(self._self_id, batch), timeout_s=CALL_TIMEOUT_S
-            )
-            self.last_contact_s[peer] = trio.current_time()
-        except RpcError as error:
-            log.debug("batch to metaserver %d lost: %s", peer, error)
-            link.failed.set()
-            link.wakeup.set()
+            while True:
+                while not link.outbox:
+                    await link.wakeup.wait()
+                    link.wakeup = trio.Event()
+                if link.readdressed:
+                    raise _LinkBroken("address changed")
+                if connection is None:
+                    connection = await connect(
+                        link.address,
+                        self._key,
+                        nursery,
+                        name=peer_name(self._self_id),
+                        timeout_s=CONNECT_TIMEOUT_S,
+                    )
+                count = min(len(link.outbox), MESSAGES_PER_BATCH_MAX)
+                batch = tuple(link.outbox.popleft() for _ in range(count))
+                await connection.notify(PAXOS_DELIVER, PaxosBatch(self._self_id, batch))
+                link.batches_sent += 1
         finally:
-            link.in_flight.release()
+            if connection is not None:
+                await connection.aclose()
 
 
 class _LinkBroken(Exception):
-    """A call on the link failed: reconnect."""
+    """The link must reconnect."""
 
 
 Deliver = Callable[[int, tuple[Any, ...]], Awaitable[None]]
@@ -170,12 +158,12 @@ Deliver = Callable[[int, tuple[Any, ...]], Awaitable[None]]
 
 def deliver_handler(
     may_send: Callable[[int], bool], deliver: Deliver
-) -> Callable[[PaxosBatch, CallContext], Awaitable[PaxosBatchAck]]:
-    """The server side of :data:`PAXOS_DELIVER`: authenticate the sender, hand its
+) -> Callable[[PaxosBatch, CallContext], Awaitable[None]]:
+    """The receiving side of :data:`PAXOS_DELIVER`: authenticate the sender, hand its
     messages to ``deliver``.  ``may_send`` refuses ids that are not (or no longer)
-    metaservers of this group."""
+    metaservers of this group; a refusal closes the connection."""
 
-    async def handle(batch: PaxosBatch, context: CallContext) -> PaxosBatchAck:
+    async def handle(batch: PaxosBatch, context: CallContext) -> None:
         expected = peer_name(batch.sender) + "@"
         if not context.connection.peer_name.startswith(expected):
             raise RpcError(
@@ -187,6 +175,5 @@ def deliver_handler(
         if any(message.sender != batch.sender for message in batch.messages):
             raise RpcError(errno.EPERM, "paxos batch carries a message of another sender")
         await deliver(batch.sender, batch.messages)
-        return PaxosBatchAck(len(batch.messages))
 
     return handle

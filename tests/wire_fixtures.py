@@ -32,6 +32,9 @@ CRASH = schema.Method("test.crash", Value, Value)
 SLEEP = schema.Method("test.sleep", Value, Value)
 BULK = schema.Method("test.bulk", Value, Value, carries_payload=True, returns_payload=True)
 UNSERVED = schema.Method("test.unserved", Value, Value)
+NOTE = schema.Method("test.note", Value, type(None), one_way=True)
+"""One-way: the service records each note; a note with a negative number is refused."""
+UNSERVED_NOTE = schema.Method("test.unserved_note", Value, type(None), one_way=True)
 
 
 class EchoService:
@@ -40,6 +43,7 @@ class EchoService:
     def __init__(self) -> None:
         self.sleeps_cancelled = 0
         self.sleeping = 0
+        self.notes: list[int] = []
 
     async def echo(self, request: Value, _context: CallContext) -> Value:
         return Value(request.number + 1, request.text)
@@ -65,6 +69,11 @@ class EchoService:
         data = bytes(context.payload or b"")
         return WithPayload(Value(len(data)), data[::-1])
 
+    async def note(self, request: Value, _context: CallContext) -> None:
+        if request.number < 0:
+            raise RpcError(errno.EINVAL, f"note {request.number} refused")
+        self.notes.append(request.number)
+
     def handlers(self) -> Handlers:
         handlers = Handlers()
         handlers.register(ECHO, self.echo)
@@ -72,6 +81,7 @@ class EchoService:
         handlers.register(CRASH, self.crash)
         handlers.register(SLEEP, self.sleep)
         handlers.register(BULK, self.bulk)
+        handlers.register(NOTE, self.note)
         return handlers
 
 

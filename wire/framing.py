@@ -31,6 +31,9 @@ PREFIX = struct.Struct(">II")
 PREFIX_BYTES = PREFIX.size
 RECEIVE_BYTES = 256 * 1024
 SMALL_PART_BYTES = 64 * 1024
+QUEUED_BYTES_MAX = 1024 * 1024
+"""Frames waiting for the flusher beyond which :meth:`FrameWriter.queue` refuses (the
+caller then waits in :meth:`FrameWriter.send`): what a peer that stops reading costs."""
 
 Payload = bytes | bytearray | memoryview
 
@@ -81,20 +84,24 @@ def frame_prefix(header_bytes: bytes, payload_length: int) -> bytes:
 
 
 def check_depth(value: Any, depth_max: int) -> None:
-    """Refuse containers nested deeper than ``depth_max`` (iterative, no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, list):
-            if depth > depth_max:
-                raise ProtocolError(f"header nested deeper than {depth_max}")
-            stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, dict):
-            if depth > depth_max:
-                raise ProtocolError(f"header nested deeper than {depth_max}")
-            for key, child in item.items():
-                stack.append((key, depth + 1))
-                stack.append((child, depth + 1))
+    """Refuse containers nested deeper than ``depth_max`` (iterative, no recursion).
+
+    Walks one nesting level at a time and looks only at containers: msgpack yields
+    lists and dicts (whose keys are never containers), and skipping scalars keeps
+    this cheap on headers full of small fields, which every frame has.
+    """
+    level = [value] if type(value) is list or type(value) is dict else []
+    depth = 1
+    while level:
+        if depth > depth_max:
+            raise ProtocolError(f"header nested deeper than {depth_max}")
+        nested = []
+        for item in level:
+            for child in item if type(item) is list else item.values():
+                if type(child) is list or type(child) is dict:
+                    nested.append(child)
+        level = nested
+        depth += 1
 
 
 def decode_header(data: bytes | memoryview, limits: FrameLimits) -> Any:
@@ -201,8 +208,11 @@ class FrameWriter:
     writes them all at once, which under load carries dozens of small frames
     per system call.  ``send`` returns once its frame has been handed to the
     kernel: natural back-pressure, and a caller's payload buffer is not
-    touched after ``send`` returns.  A write cut short (timeout, broken peer)
-    leaves the byte stream unusable; the writer is then ``broken`` for good.
+    touched after ``send`` returns.  :meth:`queue` is the cheap path for a
+    frame without a payload whose sender need not wait: it returns at once
+    while fewer than ``QUEUED_BYTES_MAX`` bytes wait.  A write cut short
+    (timeout, broken peer) leaves the byte stream unusable; the writer is then
+    ``broken`` for good.
     """
 
     def __init__(self, stream: trio.abc.SendStream, send_timeout_s: float = 30.0):
@@ -210,6 +220,7 @@ class FrameWriter:
         self._send_timeout_s = send_timeout_s
         self._lock = trio.Lock()
         self._queue: list[Payload] = []
+        self._queued_bytes = 0
         self._queue_written = trio.Event()
         self._work = trio.Event()
         self._flusher_running = False
@@ -221,7 +232,9 @@ class FrameWriter:
             raise trio.ClosedResourceError("frame writer is broken")
         header_bytes = pack_header(header)
         payload_length = len(payload) if payload is not None else 0
-        self._queue.append(frame_prefix(header_bytes, payload_length))
+        prefix = frame_prefix(header_bytes, payload_length)
+        self._queue.append(prefix)
+        self._queued_bytes += len(prefix) + payload_length
         if payload_length:
             self._queue.append(payload)  # type: ignore[arg-type]
         written = self._queue_written
@@ -234,6 +247,23 @@ class FrameWriter:
                     await self._write_queue()
         if self.broken:
             raise trio.BrokenResourceError("connection broke while writing")
+
+    def queue(self, header: Any) -> bool:
+        """Queue a frame without payload for the flusher and return at once.
+
+        False (nothing queued) when the caller must ``await send`` instead: before
+        the flusher runs, once the writer broke, or while ``QUEUED_BYTES_MAX`` bytes
+        already wait (back-pressure on whoever produces frames faster than the peer
+        reads them).  Whether the frame is then written is not reported: a failed
+        write breaks the writer, and the owner closes the connection.
+        """
+        if self.broken or not self._flusher_running or self._queued_bytes >= QUEUED_BYTES_MAX:
+            return False
+        frame = frame_prefix(pack_header(header), 0)
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._work.set()
+        return True
 
     async def run_flusher(self) -> None:
         """Write queued frames until the stream breaks; run it in the connection's nursery."""
@@ -253,6 +283,7 @@ class FrameWriter:
 
     async def _write_queue(self) -> None:
         pending, self._queue = self._queue, []
+        self._queued_bytes = 0
         written, self._queue_written = self._queue_written, trio.Event()
         try:
             with trio.CancelScope(shield=True):

@@ -8,9 +8,14 @@ and cancellation.  Envelopes (the frame header) are msgpack lists::
     [REPLY,   call_id, body]
     [ERROR,   call_id, errno_code, message]
     [CANCEL,  call_id]
+    [NOTIFY,  method_name, body]
 
 ``body`` is the request or reply dataclass encoded by :mod:`wire.schema`;
-bulk data travels as the frame payload beside it.
+bulk data travels as the frame payload beside it.  ``NOTIFY`` carries a
+one-way message (a :class:`~wire.schema.Method` declared ``one_way``): no
+reply, no call id; the receiver runs its handler in the reading task, in
+arrival order, before it reads the next frame (so a slow handler slows its
+sender down through TCP instead of piling up tasks).
 
 Failure rules:
 
@@ -22,7 +27,10 @@ Failure rules:
 * a handler's unexpected exception is logged with its traceback and becomes
   EIO: it never takes the process down;
 * when the connection dies, every call still waiting fails at once with
-  :class:`~wire.errors.ConnectionLost`.
+  :class:`~wire.errors.ConnectionLost`;
+* a one-way message cannot be answered, so anything wrong with it (unknown
+  or two-way method, bad body, a handler that raises) closes the connection
+  with a logged reason; a REQUEST for a one-way method gets EPROTO.
 """
 
 from __future__ import annotations
@@ -40,10 +48,11 @@ import trio
 from wire import schema
 from wire.errors import ConnectionLost, ProtocolError, RpcError
 from wire.framing import FrameReader, FrameWriter, Payload
+from wire.invariant import invariant
 
 log = logging.getLogger(__name__)
 
-REQUEST, REPLY, ERROR, CANCEL = 0, 1, 2, 3
+REQUEST, REPLY, ERROR, CANCEL, NOTIFY = 0, 1, 2, 3, 4
 CALLS_IN_FLIGHT_MAX = 1024
 ERROR_MESSAGE_CHARS_MAX = 1024
 
@@ -239,6 +248,20 @@ class RpcConnection:
             self._pending.pop(call_id, None)
             self._outgoing_slots.release()
 
+    async def notify(self, method: schema.Method[Req, Any], message: Req) -> None:
+        """Send a one-way ``message`` to the peer's handler of ``method``.
+
+        Returns once the frame is handed to the kernel: nothing says the peer
+        took it (a handler that fails closes the connection).  Raises
+        :class:`ConnectionLost` when the connection is or gets closed.
+        """
+        invariant(method.one_way, f"{method.name} expects replies: use call()")
+        if self.closed:
+            raise ConnectionLost(f"connection to {self.peer_name} is closed: {self.close_reason}")
+        # Waiting for the write lets a sender's messages pile up meanwhile and leave as
+        # one batch: a stream of one-way messages is batched by its own back-pressure.
+        await self._send([NOTIFY, method.name, schema.encode(message)], None, wait=True)
+
     def _cancel_remote_soon(self, call_id: int) -> None:
         # Best effort: a cancel that cannot be written now is pointless later.
         if not self._writer.broken and self._nursery is not None:
@@ -250,7 +273,14 @@ class RpcConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionLost):
             pass
 
-    async def _send(self, header: list[Any], payload: Payload | None) -> None:
+    async def _send(
+        self, header: list[Any], payload: Payload | None, *, wait: bool = False
+    ) -> None:
+        """Hand a frame to the writer: queued without waiting when it can be (no payload
+        to keep untouched, room in the writer's queue, no ``wait`` for the write), else
+        written before returning."""
+        if payload is None and not wait and self._writer.queue(header):
+            return
         try:
             await self._writer.send(header, payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
@@ -292,7 +322,10 @@ class RpcConnection:
                 return
             header, payload = frame
             try:
-                self._dispatch(nursery, header, payload)
+                if type(header) is list and header and header[0] == NOTIFY:
+                    await self._run_notification(header, payload)
+                else:
+                    self._dispatch(nursery, header, payload)
             except ProtocolError as error:
                 self._close(f"protocol error from {self.peer_name}: {error}")
                 log.warning("closing connection from %s: %s", self.peer_name, error)
@@ -327,6 +360,27 @@ class RpcConnection:
         if pending is None or pending.finished:
             return  # the caller gave up (timeout or cancellation); drop the late reply
         pending.finish(outcome, payload)
+
+    async def _run_notification(self, header: list[Any], payload: Payload | None) -> None:
+        """Run the handler of a one-way message; any failure is a ProtocolError."""
+        if len(header) != 3 or type(header[1]) is not str or payload is not None:
+            raise ProtocolError("one-way envelope of the wrong shape")
+        name = header[1]
+        entry = self._handlers.lookup(name)
+        if entry is None or not entry[0].one_way:
+            raise ProtocolError(f"no one-way method {name[:64]!r}")
+        method, handler = entry
+        try:
+            message = schema.decode(method.request, header[2], name)
+        except schema.SchemaError as error:
+            raise ProtocolError(str(error)[:ERROR_MESSAGE_CHARS_MAX]) from None
+        try:
+            await handler(message, CallContext(self, None))
+        except RpcError as error:
+            raise ProtocolError(f"{name} refused: {error.message}") from None
+        except Exception:
+            log.exception("handler for one-way %s failed", name)
+            raise ProtocolError(f"internal error in {name}") from None
 
     def _start_request(
         self, nursery: trio.Nursery, header: list[Any], payload: Payload | None
@@ -371,6 +425,8 @@ class RpcConnection:
         if entry is None:
             return [ERROR, errno.ENOSYS, f"unknown method {name[:64]!r}"], None
         method, handler = entry
+        if method.one_way:
+            return [ERROR, errno.EPROTO, f"{name[:64]} is one-way: it takes no calls"], None
         try:
             request = schema.decode(method.request, body, name)
         except schema.SchemaError as error:

@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 
 from tests.wire_fixtures import ECHO, EchoService, Value
 from wire.framing import FrameLimits, FrameReader, FrameWriter
-from wire.rpc import CANCEL, ERROR, REPLY, REQUEST, RpcConnection
+from wire.rpc import CANCEL, ERROR, NOTIFY, REPLY, REQUEST, RpcConnection
 
 LIMITS = FrameLimits(header_bytes_max=2048, payload_bytes_max=4096)
-METHODS = st.sampled_from(["test.echo", "test.fail", "test.crash", "test.sleep", "nope", ""])
+METHODS = st.sampled_from(
+    ["test.echo", "test.fail", "test.crash", "test.sleep", "test.note", "nope", ""]
+)
 SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
 BODIES = st.recursive(
     SCALARS | st.binary(max_size=20), lambda c: st.lists(c, max_size=4), max_leaves=12
@@ -38,6 +40,8 @@ ENVELOPES = st.one_of(
     ),
     st.tuples(st.sampled_from([REPLY, ERROR, CANCEL, 9]), st.integers(-5, 50), BODIES),
     st.tuples(st.just(ERROR), st.integers(0, 50), st.integers(0, 200), st.text(max_size=10)),
+    st.tuples(st.just(NOTIFY), METHODS, BODIES),
+    st.tuples(st.just(NOTIFY), METHODS, st.tuples(st.integers(-3, 3), st.text(max_size=5))),
     BODIES,
 )
 

@@ -15,8 +15,10 @@ from tests.wire_fixtures import (
     ECHO,
     FAIL,
     KEY,
+    NOTE,
     SLEEP,
     UNSERVED,
+    UNSERVED_NOTE,
     EchoService,
     Value,
     running_server,
@@ -240,3 +242,40 @@ async def test_a_stranger_speaking_no_protocol_is_dropped() -> None:
         await _wait_for_eof(stranger)
         async with open_connection(address, KEY, name="after") as conn:
             assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+async def test_one_way_messages_reach_the_handler_in_order_without_replies() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        for number in range(100):
+            await conn.notify(NOTE, Value(number))
+        assert await conn.call(ECHO, Value(1)) == Value(2)  # the notes were read before it
+        assert service.notes == list(range(100))
+
+
+@pytest.mark.parametrize("method", [NOTE, UNSERVED_NOTE])
+async def test_a_refused_or_unknown_one_way_message_closes_the_connection_with_a_reason(
+    method: schema.Method[Value, None], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        await conn.notify(method, Value(-1))
+        with trio.fail_after(5):
+            await conn.wait_closed()
+        with pytest.raises(ConnectionLost):
+            await conn.notify(NOTE, Value(1))
+        async with open_connection(address, KEY, name="t") as other:
+            assert await other.call(ECHO, Value(1)) == Value(2)
+    assert service.notes == []
+    assert "refused" in caplog.text or "no one-way method" in caplog.text
+
+
+async def test_a_call_to_a_one_way_method_is_eproto_and_a_notify_of_a_call_is_a_bug() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(NOTE, Value(1))
+        assert caught.value.code == errno.EPROTO
+        with pytest.raises(AssertionError):
+            await conn.notify(ECHO, Value(1))
+        assert service.notes == []
