@@ -528,7 +528,10 @@ class _Prefetch:
 
 
 class ChunkReader:
-    """Reads one chunk version from the best replica, with failover and read-ahead."""
+    """Reads one chunk version from the best replica, with failover and read-ahead.
+
+    ``end_bytes``, when known (the chunk size, or where the file ends inside the chunk),
+    is where read-ahead stops: no piece is fetched past it."""
 
     def __init__(
         self,
@@ -537,11 +540,13 @@ class ChunkReader:
         *,
         on_corrupt: CorruptionReport | None = None,
         readahead_bytes: int = READAHEAD_BYTES_DEFAULT,
+        end_bytes: int | None = None,
     ) -> None:
         self._pool = pool
         self.placement = placement
         self._on_corrupt = on_corrupt
         self._readahead_bytes = readahead_bytes
+        self._end_bytes = end_bytes
         self._next_offset = 0
         self._ahead: list[_Prefetch] = []
         self._bad: set[str] = set()
@@ -561,8 +566,8 @@ class ChunkReader:
         # The one copy of the client's read path: received buffers into the result.
         data = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
         self._next_offset = offset + len(data)
-        if sequential and len(data) == length and self._readahead_bytes > 0:
-            self._extend_readahead(self._next_offset)
+        if sequential and len(data) == length:
+            self._extend_readahead(self._next_offset + self._readahead_bytes)
         return data
 
     async def _read_cached(self, offset: int, length: int) -> list[memoryview]:
@@ -586,18 +591,27 @@ class ChunkReader:
             parts.extend(await self._fetch(position, end - position))
         return parts
 
-    def start_readahead(self, offset: int) -> None:
-        """Begin reading ahead at ``offset``, where a sequential reader will come next."""
-        if self._readahead_bytes <= 0 or (offset == self._next_offset and self._ahead):
-            return
-        self._ahead.clear()
-        self._next_offset = offset
-        self._extend_readahead(offset)
+    def start_readahead(self, offset: int, length_bytes: int | None = None) -> None:
+        """Read ahead ``length_bytes`` (at most the read-ahead window, which is also the
+        default) from ``offset``, where a sequential reader will come next.  Called again
+        for the same ``offset`` it only widens what is under way, up to the window."""
+        if offset != self._next_offset:
+            self._ahead.clear()
+            self._next_offset = offset
+        wanted = self._readahead_bytes if length_bytes is None else length_bytes
+        self._extend_readahead(offset + min(wanted, self._readahead_bytes))
 
-    def _extend_readahead(self, start: int) -> None:
-        covered = self._ahead[-1].end if self._ahead else start
-        while covered < start + self._readahead_bytes:
-            segment = _Prefetch(covered, READ_PIECE_BYTES)
+    def _extend_readahead(self, until: int) -> None:
+        """Launch pieces from the end of what is under way up to ``until`` (and no further
+        than ``end_bytes``); pieces start at multiples of the piece size, as reads do."""
+        if self._end_bytes is not None:
+            until = min(until, self._end_bytes)
+        covered = self._ahead[-1].end if self._ahead else self._next_offset
+        while covered < until:
+            piece_end = (covered // READ_PIECE_BYTES + 1) * READ_PIECE_BYTES
+            if self._end_bytes is not None:
+                piece_end = min(piece_end, self._end_bytes)
+            segment = _Prefetch(covered, piece_end - covered)
             self._ahead.append(segment)
             self._pool.nursery.start_soon(self._prefetch, segment)
             covered = segment.end
@@ -741,6 +755,7 @@ class PlacedFile:
         self._readahead_bytes = readahead_bytes
         self._writers: dict[int, ChunkWriter] = {}
         self._readers: dict[int, ChunkReader] = {}
+        self._next_read_offset = 0
         self.failures: list[PipelineFailed] = []
 
     async def _writer(self, index: int) -> ChunkWriter:
@@ -842,13 +857,20 @@ class PlacedFile:
                 placement,
                 on_corrupt=self._on_corrupt,
                 readahead_bytes=self._readahead_bytes,
+                end_bytes=min(
+                    self.chunk_size_bytes, self.length_bytes - index * self.chunk_size_bytes
+                ),
             )
             self._readers[index] = reader
         return reader
 
     async def read(self, offset: int, length: int) -> bytes:
-        """Bytes at ``offset``: holes read as zeros, nothing past ``length_bytes``."""
+        """Bytes at ``offset``: holes read as zeros, nothing past ``length_bytes``.
+
+        A sequential reader's read-ahead window runs on into the next chunk, so the next
+        chunk's replicas are already sending when the reader gets there."""
         end = min(offset + length, self.length_bytes)
+        sequential = offset == self._next_read_offset
         parts: list[bytes] = []
         position = offset
         while position < end:
@@ -858,15 +880,25 @@ class PlacedFile:
             data = b""
             if index in self.placements:
                 data = await self._reader(index).read(chunk_offset, size)
-                following = index + 1
-                if chunk_offset + size == self.chunk_size_bytes and following in self.placements:
-                    # A sequential reader crosses into the next chunk: read ahead there too.
-                    self._reader(following).start_readahead(0)
             parts.append(data)
             if len(data) < size:
                 parts.append(bytes(size - len(data)))
             position += size
+        self._next_read_offset = end
+        if sequential and end < self.length_bytes:
+            self._read_ahead_into_next_chunk(end)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_ahead_into_next_chunk(self, position: int) -> None:
+        """Start the next chunk's read-ahead once ``position`` is within a window of it."""
+        following = position // self.chunk_size_bytes + 1
+        left_in_chunk = following * self.chunk_size_bytes - position
+        if (
+            following in self.placements
+            and following * self.chunk_size_bytes < self.length_bytes
+            and left_in_chunk < self._readahead_bytes
+        ):
+            self._reader(following).start_readahead(0, self._readahead_bytes - left_in_chunk)
 
 
 async def _write_to(writer: ChunkWriter, *, offset: int, data: Payload) -> None:

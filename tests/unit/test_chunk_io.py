@@ -29,6 +29,7 @@ from fuse_client.chunk_io import (
 from tests.proc.dataserver_harness import KEY, FakeMetaserver
 from wire.address import Address
 from wire.config import Config
+from wire.dataserver_ops import ReadRequest
 from wire.transport import bound_port, serve
 
 CHUNK = 256 * 1024
@@ -198,3 +199,37 @@ async def test_a_new_version_drops_uncommitted_bytes_but_a_retarget_keeps_acknow
             assert await ChunkReader(pool, replace(renewed, replicas=(address,))).read(0, 2000) == (
                 expected
             )
+
+
+async def test_sequential_read_ahead_runs_into_the_next_chunk_and_stops_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with in_process_cluster(tmp_path, 2) as (_cluster, meta, pool, _addresses):
+        meta.replication = 2
+        size = 2 * CHUNK + CHUNK // 2
+        data = bytes(range(256)) * (size // 256)
+        writer = PlacedFile(pool, CHUNK, meta)
+        await writer.write(0, data)
+        placements = await writer.sync()
+        chunk_of = {placement.chunk_id: index for index, placement in placements.items()}
+        requested: list[tuple[int, int, int]] = []
+        call = pool.call
+
+        async def recording_call(address, method, request, **kwargs):  # type: ignore[no-untyped-def]
+            if isinstance(request, ReadRequest):
+                requested.append((chunk_of[request.chunk_id], request.offset, request.length_bytes))
+            return await call(address, method, request, **kwargs)
+
+        monkeypatch.setattr(pool, "call", recording_call)
+        file = PlacedFile(pool, CHUNK, meta, placements, length_bytes=size, readahead_bytes=CHUNK)
+        step = 64 * 1024
+        got = [await file.read(offset, step) for offset in range(0, CHUNK // 2, step)]
+        await trio.sleep(0.2)
+        assert any(index == 1 for index, _, _ in requested), (
+            "half way through chunk 0, a window of a chunk reaches into chunk 1"
+        )
+        got += [await file.read(offset, step) for offset in range(CHUNK // 2, size + step, step)]
+        assert b"".join(got) == data
+        ends = {0: CHUNK, 1: CHUNK, 2: CHUNK // 2}
+        assert all(offset + length <= ends[index] for index, offset, length in requested), requested
+        assert sorted(requested) == sorted(set(requested)), "no piece fetched twice"
