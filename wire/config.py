@@ -79,6 +79,17 @@ class MetaserverSettings:
     replication_rate_mib_s: float = field(
         default=200.0, metadata={"help": "cap on re-replication traffic"}
     )
+    chunk_token_lifetime_s: float = field(
+        default=600.0,
+        metadata={
+            "help": "life of a chunk access token the leader signs; a chunk version whose "
+            "writer never committed it is recovered this long (plus twice clock_skew_s) "
+            "after it was opened"
+        },
+    )
+    clock_skew_s: float = field(
+        default=30.0, metadata={"help": "most the wall clocks of the cluster's hosts differ"}
+    )
 
 
 @dataclass

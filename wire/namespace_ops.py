@@ -67,6 +67,9 @@ CHUNK_PAGE_MAX = 4096
 """Largest page of GetChunks, GetDeletions, ScanChunks, and largest AckDeletions batch."""
 COMMIT_CHUNKS_MAX = 1024
 """Chunk writes in one CommitWrite."""
+OPEN_CHUNKS_MAX = 1 << 20
+"""Chunk versions open for write (opened, not yet committed or recovered) at once; past
+it OpenChunk of a chunk not already open gives ENFILE."""
 DATASERVER_MODES_MAX = 10_000
 """Rows of the dataserver-mode table (as many as one leader registers dataservers);
 SetDataserverMode of a new row past it gives EUSERS."""
@@ -186,7 +189,11 @@ class ChunkWrite:
 
 @dataclass(frozen=True)
 class ChunkGoal:
-    """One chunk in a healing scan: where it belongs and how many replicas it wants."""
+    """One chunk in a healing scan: where it belongs and how many replicas it wants.
+
+    ``opened_ns`` is set while ``version`` is open for write (the time of the OpenChunk
+    that made it, never committed since); None once a commit or a recovery closed it.
+    """
 
     inode: InodeId
     index: int
@@ -195,6 +202,7 @@ class ChunkGoal:
     length: int
     goal: int
     compress: bool
+    opened_ns: int | None
 
 
 @dataclass(frozen=True)
@@ -580,8 +588,11 @@ class OpenChunk:
 
     A hole gets a new chunk id at version 1 (recorded with length 0); an existing chunk
     gets its version bumped, which fences writers holding the old version (their commit
-    gets ESTALE) and queues the old version's replicas for deletion.  EISDIR/EINVAL
-    (not a regular file), EINVAL (negative index), EFBIG (past the largest file).
+    gets ESTALE) and queues the old version's replicas for deletion.  The new version
+    stays *open* (not copied by re-replication) from the command's time until a
+    CommitWrite names it, a newer OpenChunk replaces it, the chunk leaves the file, or
+    the leader recovers it (RecoverChunk).  EISDIR/EINVAL (not a regular file), EINVAL
+    (negative index), EFBIG (past the largest file), ENFILE (OPEN_CHUNKS_MAX open).
     """
 
     inode: InodeId
@@ -765,6 +776,23 @@ class SetDataserverMode:
     address: str
 
 
+@message("ns.recover_chunk")
+@dataclass(frozen=True)
+class RecoverChunk:
+    """Close a chunk version its writer left open: the leader derived ``version + 1`` from
+    the replica it chose (fencing the old writer there) once no token for ``version`` is
+    accepted any more; the chunk moves to ``version + 1`` with its committed length (the
+    file size does not change) and the old version's replicas are queued for deletion.
+
+    ESTALE unless ``chunk`` is at ``version``, still open since ``opened_ns`` (a commit,
+    a newer open or a truncate came first); leader-proposed.
+    """
+
+    chunk: ChunkId
+    version: ChunkVersion
+    opened_ns: int
+
+
 MutatingOp = (
     Mknod
     | Create
@@ -797,7 +825,7 @@ QueryOp = (
     | GetDataserverModes
 )
 SessionOp = OpenSession | KeepAlive | CloseSession
-SystemOp = ExpireSessions | AckDeletions | SetDataserverMode
+SystemOp = ExpireSessions | AckDeletions | SetDataserverMode | RecoverChunk
 Reply = (
     NsError
     | OkReply

@@ -4,7 +4,14 @@ A token names (chunk id, version, mode, expiry) and carries an HMAC-SHA256
 under the cluster key, so a dataserver can check it without asking the
 metaserver, and a client can reach only the chunks the namespace let it
 reach.  ``expires_at_s`` is wall-clock Unix time: the cluster's machines are
-expected to keep their clocks within ``CLOCK_SKEW_S`` of each other.
+expected to keep their clocks within ``CLOCK_SKEW_S`` (or what the metaservers are
+configured to assume) of each other.
+
+The allowance for a holder whose clock is behind the signer's is part of the signed
+expiry, not added by the checker, so that only the signer needs to know it, and the
+signer alone can tell when no dataserver accepts a token any more
+(:func:`accepted_until_s`): that is what lets the metaserver leader recover a chunk
+version whose writer went away without fencing a writer that may still use it.
 """
 
 from __future__ import annotations
@@ -48,10 +55,18 @@ def _signature(key: bytes, chunk_id: int, version: int, mode: int, expires_at_s:
 
 
 def sign_token(
-    key: bytes, chunk_id: ChunkId, version: ChunkVersion, mode: AccessMode, now_s: float
+    key: bytes,
+    chunk_id: ChunkId,
+    version: ChunkVersion,
+    mode: AccessMode,
+    now_s: float,
+    *,
+    lifetime_s: float = TOKEN_LIFETIME_S,
+    clock_skew_s: float = CLOCK_SKEW_S,
 ) -> ChunkToken:
-    """A token valid for ``TOKEN_LIFETIME_S`` from ``now_s``."""
-    expires_at_s = now_s + TOKEN_LIFETIME_S
+    """A token valid for ``lifetime_s`` from ``now_s`` (the signer's clock), plus
+    ``clock_skew_s`` for a checker whose clock is ahead of the signer's."""
+    expires_at_s = now_s + lifetime_s + clock_skew_s
     return ChunkToken(
         chunk_id,
         version,
@@ -85,5 +100,12 @@ def check_token(
         )
     if mode == AccessMode.WRITE and token.mode != AccessMode.WRITE:
         raise TokenRefused("token grants reading only")
-    if token.expires_at_s + CLOCK_SKEW_S < now_s:
+    if token.expires_at_s < now_s:
         raise TokenRefused(f"token expired {now_s - token.expires_at_s:.0f} s ago")
+
+
+def accepted_until_s(signed_at_s: float, lifetime_s: float, clock_skew_s: float) -> float:
+    """The time, on the signer's clock, after which no dataserver whose clock is within
+    ``clock_skew_s`` of it accepts a token that :func:`sign_token` made at
+    ``signed_at_s`` with these settings (or any earlier one)."""
+    return signed_at_s + lifetime_s + 2 * clock_skew_s

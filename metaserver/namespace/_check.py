@@ -8,6 +8,7 @@ inside per-inode loops test first and format their message only on failure.
 from __future__ import annotations
 
 import stat
+from array import array
 from collections import Counter
 
 from wire.ids import ROOT_INODE
@@ -15,6 +16,7 @@ from wire.invariant import InvariantViolation, invariant
 from wire.namespace_ops import (
     LINK_MAX,
     NAME_MAX_BYTES,
+    OPEN_CHUNKS_MAX,
     OPEN_FILES_PER_SESSION_MAX,
     REPLY_WINDOW,
     SESSIONS_MAX,
@@ -178,6 +180,21 @@ def _check_chunks(state: State) -> None:
         still_current = live is not None and live <= version
         if not 0 < chunk < state.next_chunk or version < 1 or still_current:
             raise InvariantViolation(f"queued chunk {chunk} v{version} (current: {live})")
+    invariant(len(state.open_chunks) <= OPEN_CHUNKS_MAX, "too many open chunks")
+    for chunk, (ino, index, _opened_ns) in state.open_chunks.items():
+        node = state.inodes.get(ino)
+        if not isinstance(node, FileNode) or not _holds_chunk(node, index, chunk):
+            raise InvariantViolation(f"open chunk {chunk} is not chunk {index} of file {ino}")
+
+
+def _holds_chunk(node: FileNode, index: int, chunk: int) -> bool:
+    chunks = node.chunks
+    offset = node.chunk_position(index) * CHUNK_FIELDS
+    return (
+        chunks is not None
+        and offset < len(chunks)
+        and chunks[offset : offset + 2] == (array("q", (index, chunk)))
+    )
 
 
 def _check_sessions(state: State) -> None:

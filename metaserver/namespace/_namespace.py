@@ -62,6 +62,7 @@ from wire.namespace_ops import (
     QueryOp,
     ReadDir,
     ReadLink,
+    RecoverChunk,
     Release,
     RemoveXattr,
     Rename,
@@ -274,6 +275,11 @@ class Namespace:
             return OK
         if type(op) is SetDataserverMode:
             return _ops_cluster.set_dataserver_mode(state, command.time_ns, op)
+        if type(op) is RecoverChunk:
+            try:
+                return _ops_data.recover_chunk(state, command.time_ns, op)
+            except OpError as error:
+                return NsError(error.code)
         return INVALID
 
     # ------------------------------------------------------------ leader helpers

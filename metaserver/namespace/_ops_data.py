@@ -4,6 +4,11 @@ A chunk is referenced by exactly one file at one index.  It leaves the file (and
 to the deletion queue with its last version) when the file is freed or truncated below
 it; a version bump queues only the old version.  So the queue never names a replica
 that is still current, and no chunk leaves a file without entering the queue.
+
+A chunk's current version is *open* (``State.open_chunks``, with the open's time) from
+the OpenChunk that made it until a CommitWrite names it, a newer OpenChunk replaces it,
+the chunk leaves its file, or the leader recovers it (RecoverChunk): the cluster manager
+copies only versions that are not open, and recovers those left open too long.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import errno
 from bisect import bisect_left
 
 from wire.ids import ChunkId, ChunkVersion, InodeId
+from wire.invariant import invariant
 from wire.namespace_ops import (
     CHUNK_PAGE_MAX,
     COMMIT_CHUNKS_MAX,
+    OPEN_CHUNKS_MAX,
     OPEN_FILES_PER_SESSION_MAX,
     AttrReply,
     ChunkGoal,
@@ -29,6 +36,7 @@ from wire.namespace_ops import (
     OkReply,
     Open,
     OpenChunk,
+    RecoverChunk,
     Release,
     ScanChunks,
 )
@@ -74,7 +82,14 @@ def open_chunk(state: State, ctx: Context, op: OpenChunk) -> ChunkReply:
     position = node.chunk_position(index)
     chunks = node.chunks
     offset = position * CHUNK_FIELDS
-    if chunks is not None and offset < len(chunks) and chunks[offset] == index:
+    exists = chunks is not None and offset < len(chunks) and chunks[offset] == index
+    open_chunks = state.open_chunks
+    if len(open_chunks) >= OPEN_CHUNKS_MAX and not (
+        exists and chunks is not None and chunks[offset + 1] in open_chunks
+    ):
+        raise OpError(errno.ENFILE)
+    if exists:
+        assert chunks is not None
         chunk, version = chunks[offset + 1], chunks[offset + 2]
         state.queue_deletion(chunk, version)
         version += 1
@@ -83,6 +98,7 @@ def open_chunk(state: State, ctx: Context, op: OpenChunk) -> ChunkReply:
     else:
         chunk, version = state.new_chunk(node, position, index)
         length = 0
+    open_chunks[chunk] = (node.ino, index, ctx.now_ns)
     return ChunkReply(ChunkId(chunk), ChunkVersion(version), length, node.goal, node.compress)
 
 
@@ -120,11 +136,37 @@ def commit_write(state: State, ctx: Context, op: CommitWrite) -> AttrReply:
             grown.append((offset, write.end))
     for offset, length in grown:
         state.set_chunk_length(node, offset, length)
+    open_chunks = state.open_chunks
+    for write in writes:
+        open_chunks.pop(write.chunk, None)
     node.file_size = size
     node.mode &= ~privileges_to_drop(ctx.cred, node)
     node.mtime_ns = ctx.now_ns if op.mtime_ns is None else op.mtime_ns
     node.ctime_ns = ctx.now_ns
     return AttrReply(node.attr())
+
+
+def recover_chunk(state: State, now_ns: int, op: RecoverChunk) -> OkReply:
+    """Close an open version as :class:`RecoverChunk` says (leader-proposed)."""
+    opened = state.open_chunks.get(op.chunk)
+    if opened is None or opened[2] != op.opened_ns:
+        raise OpError(errno.ESTALE)
+    ino, index, _ = opened
+    node = state.inodes.get(ino)
+    invariant(type(node) is FileNode, f"open chunk {op.chunk} of a freed inode {ino}")
+    assert isinstance(node, FileNode) and node.chunks is not None
+    offset = node.chunk_position(index) * CHUNK_FIELDS
+    chunks = node.chunks
+    invariant(
+        offset < len(chunks) and chunks[offset] == index and chunks[offset + 1] == op.chunk,
+        f"open chunk {op.chunk} is not at index {index} of inode {ino}",
+    )
+    if chunks[offset + 2] != op.version:
+        raise OpError(errno.ESTALE)
+    state.queue_deletion(op.chunk, op.version)
+    chunks[offset + 2] = op.version + 1
+    del state.open_chunks[op.chunk]
+    return OK
 
 
 def get_chunks(state: State, ctx: Context, op: GetChunks) -> ChunkListReply:
@@ -183,9 +225,15 @@ def scan_chunks(state: State, ctx: Context, op: ScanChunks) -> ChunkScanReply:
                         chunks[offset + 3],
                         node.goal,
                         node.compress,
+                        _opened_ns(state, chunks[offset + 1]),
                     )
                 )
         position += 1
     if position < len(order):
         return ChunkScanReply(tuple(entries), InodeId(order[position]), 0, False)
     return ChunkScanReply(tuple(entries), InodeId(state.next_ino), 0, True)
+
+
+def _opened_ns(state: State, chunk: int) -> int | None:
+    opened = state.open_chunks.get(chunk)
+    return None if opened is None else opened[2]

@@ -8,10 +8,14 @@ piecewise, so a million-inode namespace never exists as one giant Python list.
 
 Layout: header ``["paxfs-namespace", FORMAT]``, config, allocators, inode count, one
 record per inode, deletion count and batches, session count, one record per session,
-the dataserver-mode table (one record, rows by id; since format 2), ``"end"``.
+the dataserver-mode table (one record, rows by id; since format 2), the table of chunks
+open for write (one record, ``[chunk, inode, index, opened_ns]`` rows by chunk id; since
+format 3), ``"end"``.
 
-Format 1 (before the dataserver-mode table) still loads, with an empty table: a data
-directory written by an older paxfs keeps working, and every dataserver starts normal.
+Older formats still load: format 1 (before the dataserver-mode table) with an empty
+table, so every dataserver starts normal; formats 1 and 2 (before the open-chunk table)
+with no chunk open for write, as their paxfs knew none.  A data directory written by an
+older paxfs keeps working.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ from wire import schema
 from wire.cluster_admin_ops import DataserverMode
 from wire.ids import DataserverId
 from wire.invariant import InvariantViolation
-from wire.namespace_ops import DATASERVER_MODES_MAX, REPLY_TYPES, DataserverModeEntry
+from wire.namespace_ops import (
+    DATASERVER_MODES_MAX,
+    OPEN_CHUNKS_MAX,
+    REPLY_TYPES,
+    DataserverModeEntry,
+)
 
 from ._check import check_state
 from ._nodes import DirNode, FileNode, Node, SpecialNode, SymlinkNode
@@ -38,8 +47,8 @@ from ._ops_cluster import valid_row
 from ._state import NamespaceConfig, Session, State
 
 MAGIC = "paxfs-namespace"
-FORMAT = 2
-FORMATS_LOADED = (1, 2)
+FORMAT = 3
+FORMATS_LOADED = (1, 2, 3)
 TRAILER = "end"
 ZSTD_LEVEL = 3
 PIECE_BYTES_MIN = 1 << 20
@@ -138,6 +147,7 @@ def canonical_pieces(state: State) -> Iterator[bytes]:
             yield _session_record(state.sessions[client])
         modes = state.dataserver_modes
         yield [[ds, int(row.mode), row.since_ns, row.address] for ds, row in sorted(modes.items())]
+        yield [[chunk, *opened] for chunk, opened in sorted(state.open_chunks.items())]
         yield TRAILER
 
     for record in records():
@@ -259,6 +269,8 @@ def _load(read: Callable[[], Any]) -> State:
         _load_session(state, read())
     if snapshot_format >= 2:
         _load_dataserver_modes(state, read())
+    if snapshot_format >= 3:
+        _load_open_chunks(state, read())
     _expect(read() == TRAILER, "missing trailer (truncated?)")
     _recount(state)
     return state
@@ -344,6 +356,15 @@ def _load_dataserver_modes(state: State, rows: Any) -> None:
         state.dataserver_modes[ds] = DataserverModeEntry(
             DataserverId(ds), DataserverMode(mode), since_ns, address
         )
+
+
+def _load_open_chunks(state: State, rows: Any) -> None:
+    _expect(type(rows) is list and len(rows) <= OPEN_CHUNKS_MAX, "open-chunk table")
+    for row in rows:
+        _expect(type(row) is list and len(row) == 4 and all(map(_is_int, row)), "open-chunk row")
+        chunk, ino, index, opened_ns = row
+        _expect(chunk not in state.open_chunks, f"chunk {chunk} open twice")
+        state.open_chunks[chunk] = (ino, index, opened_ns)
 
 
 def _recount(state: State) -> None:

@@ -122,6 +122,9 @@ class State:
         self.next_chunk = 1
         self.next_client = 1
         self.deletions: dict[int, int] = {}
+        # Chunk id -> (inode, index, opened_ns) of each chunk whose current version is
+        # open for write: opened and not committed, recovered or dropped since.
+        self.open_chunks: dict[int, tuple[int, int, int]] = {}
         self.open_counts: dict[int, int] = {}
         self.sessions: dict[int, Session] = {}
         self.dataserver_modes: dict[int, DataserverModeEntry] = {}
@@ -216,9 +219,12 @@ class State:
             return
         start = position * CHUNK_FIELDS
         dropped_bytes = 0
+        open_chunks = self.open_chunks
         for offset in range(start, len(chunks), CHUNK_FIELDS):
             self.queue_deletion(chunks[offset + 1], chunks[offset + 2])
             dropped_bytes += chunks[offset + 3]
+            if open_chunks:
+                open_chunks.pop(chunks[offset + 1], None)
         self.chunk_count -= (len(chunks) - start) // CHUNK_FIELDS
         self.chunk_bytes -= dropped_bytes
         self.replicated_bytes -= dropped_bytes * node.goal

@@ -161,8 +161,8 @@ def _pack(records: list[object]) -> bytes:
 def test_a_format_1_snapshot_of_an_older_paxfs_loads_with_an_empty_table() -> None:
     namespace = Namespace()
     records = _records(namespace.snapshot())
-    assert records[0] == ["paxfs-namespace", 2] and records[-2] == []
-    older = [["paxfs-namespace", 1], *records[1:-2], records[-1]]
+    assert records[0] == ["paxfs-namespace", 3] and records[-3] == records[-2] == []
+    older = [["paxfs-namespace", 1], *records[1:-3], records[-1]]
     restored = Namespace.restore(_pack(older))
     assert table(restored) == ()
     assert set_mode(restored, 1, DS, MAINTENANCE) == OkReply()
@@ -173,9 +173,9 @@ def test_a_snapshot_with_a_bad_row_is_refused() -> None:
     namespace = Namespace()
     set_mode(namespace, 1, DS, MAINTENANCE)
     records = _records(namespace.snapshot())
-    records[-2] = [[DS, 0, 1, "h:1"]]  # NORMAL never has a row
+    records[-3] = [[DS, 0, 1, "h:1"]]  # NORMAL never has a row
     with pytest.raises(SnapshotError, match="dataserver-mode row"):
         Namespace.restore(_pack(records))
-    records[-2] = [[DS, 2, 1, "h:1"], [DS, 1, 1, "h:1"]]
+    records[-3] = [[DS, 2, 1, "h:1"], [DS, 1, 1, "h:1"]]
     with pytest.raises(SnapshotError, match="two mode rows"):
         Namespace.restore(_pack(records))

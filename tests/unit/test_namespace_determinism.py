@@ -53,6 +53,7 @@ from wire.namespace_ops import (
     Open,
     OpenChunk,
     OpenSession,
+    RecoverChunk,
     Release,
     RemoveXattr,
     Rename,
@@ -84,7 +85,7 @@ class CommandGenerator:
         self.now_ns = 0
         self.inodes: list[int] = [ROOT_INODE]
         self.directories: list[int] = [ROOT_INODE]
-        self.chunks: list[tuple[OpenChunk, ChunkReply]] = []
+        self.chunks: list[tuple[OpenChunk, ChunkReply, int]] = []
         self.clients: dict[int, int] = {}
         self.last: dict[int, ClientCommand] = {}
 
@@ -112,6 +113,10 @@ class CommandGenerator:
             address = f"127.0.0.1:{rng.randrange(1, 4)}"
             op = SetDataserverMode(DataserverId(rng.randrange(4)), mode, address)
             return SystemCommand(self.now_ns, op)
+        if roll < 0.065 and self.chunks:
+            _, chunk, opened_ns = rng.choice(self.chunks)
+            # Mostly a recovery of a version as it was opened; some are stale by then.
+            return SystemCommand(self.now_ns, RecoverChunk(chunk.chunk, chunk.version, opened_ns))
         if roll < 0.1 and client in self.last:
             retry = self.last[client]  # the client lost the reply and resends
             return ClientCommand(self.now_ns, retry.call)
@@ -167,7 +172,7 @@ class CommandGenerator:
             return Release(ino)
         if kind == 15 or not self.chunks:
             return OpenChunk(ino, rng.randrange(4))
-        opened, chunk = rng.choice(self.chunks)
+        opened, chunk, _ = rng.choice(self.chunks)
         if rng.random() < 0.2:
             opened = OpenChunk(ino, rng.randrange(4))
         write = ChunkWrite(opened.index, chunk.chunk, chunk.version, rng.randrange(17))
@@ -180,7 +185,7 @@ class CommandGenerator:
                 self.directories.append(reply.attr.ino)
         elif isinstance(reply, ChunkReply):
             assert isinstance(command, ClientCommand) and isinstance(command.call.op, OpenChunk)
-            self.chunks.append((command.call.op, reply))
+            self.chunks.append((command.call.op, reply, command.time_ns))
         elif isinstance(reply, SessionReply):
             self.clients[reply.client] = 0
 
