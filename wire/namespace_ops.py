@@ -192,7 +192,8 @@ class ChunkGoal:
     """One chunk in a healing scan: where it belongs and how many replicas it wants.
 
     ``opened_ns`` is set while ``version`` is open for write (the time of the OpenChunk
-    that made it, never committed since); None once a commit or a recovery closed it.
+    that made it, never committed since; or of the RecoverChunk that made it, then
+    ``recovering``); None once a commit or a recovery closed it.
     """
 
     inode: InodeId
@@ -203,6 +204,7 @@ class ChunkGoal:
     goal: int
     compress: bool
     opened_ns: int | None
+    recovering: bool
 
 
 @dataclass(frozen=True)
@@ -779,14 +781,28 @@ class SetDataserverMode:
 @message("ns.recover_chunk")
 @dataclass(frozen=True)
 class RecoverChunk:
-    """Close a chunk version its writer left open: the leader derived ``version + 1`` from
-    the replica it chose (fencing the old writer there) once no token for ``version`` is
-    accepted any more; the chunk moves to ``version + 1`` with its committed length (the
-    file size does not change) and the old version's replicas are queued for deletion.
+    """Start recovering a chunk version left open (leader-proposed, once no token for it
+    is accepted any more, or at once for a recovery a previous attempt left open): the
+    chunk moves to ``version + 1`` with its committed length (the file size does not
+    change), the old version's replicas are queued for deletion, and the new version is
+    open, *recovering*, since this command's time.  No client ever gets a token for it:
+    the leader derives it on one replica and then sends :class:`CommitRecovery`.
 
     ESTALE unless ``chunk`` is at ``version``, still open since ``opened_ns`` (a commit,
-    a newer open or a truncate came first); leader-proposed.
+    a newer open or a truncate came first).
     """
+
+    chunk: ChunkId
+    version: ChunkVersion
+    opened_ns: int
+
+
+@message("ns.commit_recovery")
+@dataclass(frozen=True)
+class CommitRecovery:
+    """Finish a recovery: the recovering ``version`` (opened at ``opened_ns`` by a
+    :class:`RecoverChunk`) is held by the replica the leader derived it on, and closes.
+    ESTALE unless the chunk is still recovering at that version since that time."""
 
     chunk: ChunkId
     version: ChunkVersion
@@ -825,7 +841,7 @@ QueryOp = (
     | GetDataserverModes
 )
 SessionOp = OpenSession | KeepAlive | CloseSession
-SystemOp = ExpireSessions | AckDeletions | SetDataserverMode | RecoverChunk
+SystemOp = ExpireSessions | AckDeletions | SetDataserverMode | RecoverChunk | CommitRecovery
 Reply = (
     NsError
     | OkReply

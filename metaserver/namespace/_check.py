@@ -181,9 +181,13 @@ def _check_chunks(state: State) -> None:
         if not 0 < chunk < state.next_chunk or version < 1 or still_current:
             raise InvariantViolation(f"queued chunk {chunk} v{version} (current: {live})")
     invariant(len(state.open_chunks) <= OPEN_CHUNKS_MAX, "too many open chunks")
-    for chunk, (ino, index, _opened_ns) in state.open_chunks.items():
+    for chunk, (ino, index, _opened_ns, recovering) in state.open_chunks.items():
         node = state.inodes.get(ino)
-        if not isinstance(node, FileNode) or not _holds_chunk(node, index, chunk):
+        if (
+            recovering not in (0, 1)
+            or not isinstance(node, FileNode)
+            or not _holds_chunk(node, index, chunk)
+        ):
             raise InvariantViolation(f"open chunk {chunk} is not chunk {index} of file {ino}")
 
 

@@ -38,6 +38,7 @@ from wire.namespace_ops import (
     ClientCommand,
     CloseSession,
     Command,
+    CommitRecovery,
     CommitWrite,
     Create,
     Credentials,
@@ -275,11 +276,13 @@ class Namespace:
             return OK
         if type(op) is SetDataserverMode:
             return _ops_cluster.set_dataserver_mode(state, command.time_ns, op)
-        if type(op) is RecoverChunk:
-            try:
+        try:
+            if type(op) is RecoverChunk:
                 return _ops_data.recover_chunk(state, command.time_ns, op)
-            except OpError as error:
-                return NsError(error.code)
+            if type(op) is CommitRecovery:
+                return _ops_data.commit_recovery(state, op)
+        except OpError as error:
+            return NsError(error.code)
         return INVALID
 
     # ------------------------------------------------------------ leader helpers

@@ -29,6 +29,7 @@ from wire.namespace_ops import (
     ChunkListReply,
     ChunkReply,
     ChunkScanReply,
+    CommitRecovery,
     CommitWrite,
     DeletionsReply,
     GetChunks,
@@ -98,7 +99,7 @@ def open_chunk(state: State, ctx: Context, op: OpenChunk) -> ChunkReply:
     else:
         chunk, version = state.new_chunk(node, position, index)
         length = 0
-    open_chunks[chunk] = (node.ino, index, ctx.now_ns)
+    open_chunks[chunk] = (node.ino, index, ctx.now_ns, 0)
     return ChunkReply(ChunkId(chunk), ChunkVersion(version), length, node.goal, node.compress)
 
 
@@ -147,11 +148,11 @@ def commit_write(state: State, ctx: Context, op: CommitWrite) -> AttrReply:
 
 
 def recover_chunk(state: State, now_ns: int, op: RecoverChunk) -> OkReply:
-    """Close an open version as :class:`RecoverChunk` says (leader-proposed)."""
+    """Move an open version to a recovering one as :class:`RecoverChunk` says."""
     opened = state.open_chunks.get(op.chunk)
     if opened is None or opened[2] != op.opened_ns:
         raise OpError(errno.ESTALE)
-    ino, index, _ = opened
+    ino, index, _, _ = opened
     node = state.inodes.get(ino)
     invariant(type(node) is FileNode, f"open chunk {op.chunk} of a freed inode {ino}")
     assert isinstance(node, FileNode) and node.chunks is not None
@@ -165,6 +166,20 @@ def recover_chunk(state: State, now_ns: int, op: RecoverChunk) -> OkReply:
         raise OpError(errno.ESTALE)
     state.queue_deletion(op.chunk, op.version)
     chunks[offset + 2] = op.version + 1
+    state.open_chunks[op.chunk] = (ino, index, now_ns, 1)
+    return OK
+
+
+def commit_recovery(state: State, op: CommitRecovery) -> OkReply:
+    """Close a recovering version as :class:`CommitRecovery` says."""
+    opened = state.open_chunks.get(op.chunk)
+    if opened is None or opened[2:] != (op.opened_ns, 1):
+        raise OpError(errno.ESTALE)
+    node = state.inodes[opened[0]]
+    assert isinstance(node, FileNode) and node.chunks is not None
+    offset = node.chunk_position(opened[1]) * CHUNK_FIELDS
+    if node.chunks[offset + 2] != op.version:
+        raise OpError(errno.ESTALE)
     del state.open_chunks[op.chunk]
     return OK
 
@@ -225,7 +240,7 @@ def scan_chunks(state: State, ctx: Context, op: ScanChunks) -> ChunkScanReply:
                         chunks[offset + 3],
                         node.goal,
                         node.compress,
-                        _opened_ns(state, chunks[offset + 1]),
+                        *_open_state(state, chunks[offset + 1]),
                     )
                 )
         position += 1
@@ -234,6 +249,7 @@ def scan_chunks(state: State, ctx: Context, op: ScanChunks) -> ChunkScanReply:
     return ChunkScanReply(tuple(entries), InodeId(state.next_ino), 0, True)
 
 
-def _opened_ns(state: State, chunk: int) -> int | None:
+def _open_state(state: State, chunk: int) -> tuple[int | None, bool]:
+    """(opened_ns, recovering) of a chunk for :class:`ChunkGoal`."""
     opened = state.open_chunks.get(chunk)
-    return None if opened is None else opened[2]
+    return (None, False) if opened is None else (opened[2], opened[3] == 1)

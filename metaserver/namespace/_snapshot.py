@@ -9,8 +9,8 @@ piecewise, so a million-inode namespace never exists as one giant Python list.
 Layout: header ``["paxfs-namespace", FORMAT]``, config, allocators, inode count, one
 record per inode, deletion count and batches, session count, one record per session,
 the dataserver-mode table (one record, rows by id; since format 2), the table of chunks
-open for write (one record, ``[chunk, inode, index, opened_ns]`` rows by chunk id; since
-format 3), ``"end"``.
+open for write (one record, ``[chunk, inode, index, opened_ns, recovering]`` rows by
+chunk id; since format 3), ``"end"``.
 
 Older formats still load: format 1 (before the dataserver-mode table) with an empty
 table, so every dataserver starts normal; formats 1 and 2 (before the open-chunk table)
@@ -361,10 +361,10 @@ def _load_dataserver_modes(state: State, rows: Any) -> None:
 def _load_open_chunks(state: State, rows: Any) -> None:
     _expect(type(rows) is list and len(rows) <= OPEN_CHUNKS_MAX, "open-chunk table")
     for row in rows:
-        _expect(type(row) is list and len(row) == 4 and all(map(_is_int, row)), "open-chunk row")
-        chunk, ino, index, opened_ns = row
+        _expect(type(row) is list and len(row) == 5 and all(map(_is_int, row)), "open-chunk row")
+        chunk, ino, index, opened_ns, recovering = row
         _expect(chunk not in state.open_chunks, f"chunk {chunk} open twice")
-        state.open_chunks[chunk] = (ino, index, opened_ns)
+        state.open_chunks[chunk] = (ino, index, opened_ns, recovering)
 
 
 def _recount(state: State) -> None:

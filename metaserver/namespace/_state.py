@@ -122,9 +122,10 @@ class State:
         self.next_chunk = 1
         self.next_client = 1
         self.deletions: dict[int, int] = {}
-        # Chunk id -> (inode, index, opened_ns) of each chunk whose current version is
-        # open for write: opened and not committed, recovered or dropped since.
-        self.open_chunks: dict[int, tuple[int, int, int]] = {}
+        # Chunk id -> (inode, index, opened_ns, recovering) of each chunk whose current
+        # version is open for write (by a client, or recovering by the leader: 1): opened
+        # and not committed or dropped since.
+        self.open_chunks: dict[int, tuple[int, int, int, int]] = {}
         self.open_counts: dict[int, int] = {}
         self.sessions: dict[int, Session] = {}
         self.dataserver_modes: dict[int, DataserverModeEntry] = {}

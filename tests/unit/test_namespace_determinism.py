@@ -38,6 +38,7 @@ from wire.namespace_ops import (
     ClientCommand,
     CloseSession,
     Command,
+    CommitRecovery,
     CommitWrite,
     Create,
     Credentials,
@@ -86,6 +87,7 @@ class CommandGenerator:
         self.inodes: list[int] = [ROOT_INODE]
         self.directories: list[int] = [ROOT_INODE]
         self.chunks: list[tuple[OpenChunk, ChunkReply, int]] = []
+        self.recoveries: list[tuple[int, int, int]] = []
         self.clients: dict[int, int] = {}
         self.last: dict[int, ClientCommand] = {}
 
@@ -115,8 +117,15 @@ class CommandGenerator:
             return SystemCommand(self.now_ns, op)
         if roll < 0.065 and self.chunks:
             _, chunk, opened_ns = rng.choice(self.chunks)
-            # Mostly a recovery of a version as it was opened; some are stale by then.
-            return SystemCommand(self.now_ns, RecoverChunk(chunk.chunk, chunk.version, opened_ns))
+            # A recovery of a version as it was opened (some are stale by then), and the
+            # commit of the version it made.
+            if rng.random() < 0.5:
+                op: Any = RecoverChunk(chunk.chunk, chunk.version, opened_ns)
+                self.recoveries.append((chunk.chunk, chunk.version + 1, self.now_ns))
+            else:
+                made = rng.choice(self.recoveries or [(chunk.chunk, chunk.version, opened_ns)])
+                op = CommitRecovery(ChunkId(made[0]), ChunkVersion(made[1]), made[2])
+            return SystemCommand(self.now_ns, op)
         if roll < 0.1 and client in self.last:
             retry = self.last[client]  # the client lost the reply and resends
             return ClientCommand(self.now_ns, retry.call)

@@ -15,6 +15,7 @@ from wire.ids import ChunkId, ChunkVersion, InodeId
 from wire.namespace_ops import (
     ChunkGoal,
     ChunkReply,
+    CommitRecovery,
     CommitWrite,
     GetChunks,
     GetDeletions,
@@ -62,6 +63,11 @@ def recover(c: Client, chunk: int, version: int, opened_ns: int) -> object:
     return c.ns.apply(SystemCommand(c.tick(), op))
 
 
+def commit_recovery(c: Client, chunk: int, version: int, opened_ns: int) -> object:
+    op = CommitRecovery(ChunkId(chunk), ChunkVersion(version), opened_ns)
+    return c.ns.apply(SystemCommand(c.tick(), op))
+
+
 def test_an_opened_version_is_open_since_its_command_until_committed(c: Client) -> None:
     f = c.mknod(b"f")
     opened, at_ns = open_chunk(c, f, 0)
@@ -102,6 +108,17 @@ def test_recovery_moves_an_open_chunk_to_the_next_version_keeping_its_length(c: 
     opened, at_ns = open_chunk(c, f, 0)
     assert recover(c, opened.chunk, opened.version, at_ns) == OkReply()
     entry = scan(c)[opened.chunk]
+    recovering_ns = c.now_ns
+    assert (entry.version, entry.length, entry.opened_ns, entry.recovering) == (
+        opened.version + 1,
+        9,
+        recovering_ns,
+        True,
+    )
+    assert commit_recovery(c, opened.chunk, entry.version, at_ns) == NsError(errno.ESTALE)
+    assert commit_recovery(c, opened.chunk, opened.version, recovering_ns) == NsError(errno.ESTALE)
+    assert commit_recovery(c, opened.chunk, entry.version, recovering_ns) == OkReply()
+    entry = scan(c)[opened.chunk]
     assert (entry.version, entry.length, entry.opened_ns) == (opened.version + 1, 9, None)
     assert c.attr(f).size == attr.size == 9
     assert (opened.chunk, opened.version) in {
@@ -127,6 +144,24 @@ def test_recovery_is_refused_once_the_open_changed(c: Client) -> None:
     assert scan(c)[again.chunk].version == again.version
 
 
+def test_a_writer_reopening_a_recovering_chunk_gets_a_version_past_it(c: Client) -> None:
+    f = c.mknod(b"f")
+    opened, at_ns = open_chunk(c, f, 0)
+    assert recover(c, opened.chunk, opened.version, at_ns) == OkReply()
+    recovering_ns = c.now_ns
+    again, again_ns = open_chunk(c, f, 0)
+    assert again.version == opened.version + 2
+    entry = scan(c)[opened.chunk]
+    assert (entry.opened_ns, entry.recovering) == (again_ns, False)
+    stale = commit_recovery(c, opened.chunk, opened.version + 1, recovering_ns)
+    assert stale == NsError(errno.ESTALE)
+    # A recovery left unfinished is started again from the version it made.
+    assert recover(c, again.chunk, again.version, again_ns) == OkReply()
+    assert recover(c, again.chunk, again.version + 1, c.now_ns) == OkReply()
+    assert scan(c)[again.chunk].version == again.version + 2
+    c.ns.verify()
+
+
 def test_open_chunks_survive_a_snapshot_and_change_the_digest(c: Client) -> None:
     f = c.mknod(b"f")
     c.write(f, 0, 2 * CS)
@@ -137,6 +172,10 @@ def test_open_chunks_survive_a_snapshot_and_change_the_digest(c: Client) -> None
     c.ns = restored
     assert scan(c)[opened.chunk].opened_ns == at_ns
     assert recover(c, opened.chunk, opened.version, at_ns) == OkReply()
+    restored = Namespace.restore(c.ns.snapshot())
+    assert restored.digest() == c.ns.digest()
+    c.ns = restored
+    assert scan(c)[opened.chunk].recovering
 
 
 def _records(snapshot: bytes) -> list[object]:
@@ -155,7 +194,7 @@ def test_a_format_2_snapshot_loads_with_no_chunk_open(c: Client) -> None:
     f = c.mknod(b"f")
     opened, at_ns = open_chunk(c, f, 0)
     records = _records(c.ns.snapshot())
-    assert records[0] == ["paxfs-namespace", 3] and records[-2] == [[opened.chunk, f, 0, at_ns]]
+    assert records[0] == ["paxfs-namespace", 3] and records[-2] == [[opened.chunk, f, 0, at_ns, 0]]
     older = [["paxfs-namespace", 2], *records[1:-2], records[-1]]
     c.ns = Namespace.restore(_pack(older))
     assert scan(c)[opened.chunk].opened_ns is None
@@ -165,11 +204,11 @@ def test_a_snapshot_whose_open_chunk_is_not_in_its_file_is_refused(c: Client) ->
     f = c.mknod(b"f")
     opened, at_ns = open_chunk(c, f, 0)
     records = _records(c.ns.snapshot())
-    assert records[-2] == [[opened.chunk, f, 0, at_ns]]
-    records[-2] = [[opened.chunk, f, 1, at_ns]]
+    assert records[-2] == [[opened.chunk, f, 0, at_ns, 0]]
+    records[-2] = [[opened.chunk, f, 1, at_ns, 0]]
     with pytest.raises(SnapshotError, match="open chunk"):
         Namespace.restore(_pack(records))
-    records[-2] = [[opened.chunk, f, 0, at_ns], [opened.chunk, f, 0, at_ns]]
+    records[-2] = [[opened.chunk, f, 0, at_ns, 0], [opened.chunk, f, 0, at_ns, 0]]
     with pytest.raises(SnapshotError, match="open twice"):
         Namespace.restore(_pack(records))
 
