@@ -2,9 +2,9 @@
 
 Mutations are stamped with the leader's wall-clock time and go through the
 Paxos log; the reply is the namespace's answer once the command is applied
-here.  Reads wait for a read-index confirmation (leadership confirmed by a
-quorum, and the state applied that far) and are answered from the applied
-state without a log entry.  A follower answers every call with
+here.  Reads are answered from the applied state without a log entry, at once
+under the leader's lease, otherwise after a read-index confirmation (leadership
+confirmed by a quorum, and the state applied that far).  A follower answers every call with
 ``RpcError(NOT_LEADER, leader address)``.  A namespace error becomes an RPC
 error with the same errno.
 """
@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -47,7 +47,7 @@ from wire.namespace_ops import (
     SessionCommand,
     SystemCommand,
 )
-from wire.rpc import CallContext, Handlers
+from wire.rpc import CallContext, Deferred, Handlers
 from wire.schema import Method
 
 log = logging.getLogger(__name__)
@@ -69,45 +69,51 @@ def _check_method(method: Method[Any, Any], op: object) -> None:
 
 def _mutation_handler(
     replica: Replica, method: Method[Any, Any]
-) -> Callable[[MutationCall, CallContext], Awaitable[Any]]:
-    async def handle(call: MutationCall, _context: CallContext) -> Any:
+) -> Callable[[MutationCall, CallContext], Deferred]:
+    def handle(call: MutationCall, _context: CallContext) -> Deferred:
         _check_method(method, call.op)
         if not replica.is_leader:
             raise replica.not_leader()
-        return reply_or_raise(await replica.submit(ClientCommand(time.time_ns(), call)))
+        return replica.submit_deferred(ClientCommand(time.time_ns(), call), reply_or_raise)
 
     return handle
 
 
 def _query_handler(
     replica: Replica, method: Method[Any, Any]
-) -> Callable[[QueryCall, CallContext], Awaitable[Any]]:
-    async def handle(call: QueryCall, _context: CallContext) -> Any:
+) -> Callable[[QueryCall, CallContext], Deferred]:
+    def handle(call: QueryCall, _context: CallContext) -> Deferred:
         _check_method(method, call.op)
-        await replica.confirm_read()
-        return reply_or_raise(replica.namespace.query(call.op, call.credentials))
+        # The query runs when the read is confirmed (at once under a lease).
+        return replica.read_deferred(
+            lambda _: reply_or_raise(replica.namespace.query(call.op, call.credentials))
+        )
 
     return handle
 
 
-def _session_handler(replica: Replica) -> Callable[[Any, CallContext], Awaitable[Any]]:
-    async def handle(op: Any, _context: CallContext) -> Any:
+def _session_handler(replica: Replica) -> Callable[[Any, CallContext], Deferred]:
+    def handle(op: Any, _context: CallContext) -> Deferred:
         if not replica.is_leader:
             raise replica.not_leader()
-        return reply_or_raise(await replica.submit(SessionCommand(time.time_ns(), op)))
+        return replica.submit_deferred(SessionCommand(time.time_ns(), op), reply_or_raise)
 
     return handle
 
 
 def register_namespace_handlers(handlers: Handlers, replica: Replica) -> None:
-    """Serve every namespace method of :mod:`wire.namespace_ops` from ``replica``."""
+    """Serve every namespace method of :mod:`wire.namespace_ops` from ``replica``.
+
+    They are the hottest calls of the cluster, so they are immediate handlers: each
+    call proposes or starts its read and replies when the driver settles it, with no
+    task of its own."""
     for op_type, method in METHOD_OF_OP.items():
         if op_type in MUTATING_OPS:
-            handlers.register(method, _mutation_handler(replica, method))
+            handlers.register_immediate(method, _mutation_handler(replica, method))
         elif op_type in QUERY_OPS:
-            handlers.register(method, _query_handler(replica, method))
+            handlers.register_immediate(method, _query_handler(replica, method))
         elif op_type in SESSION_OPS:
-            handlers.register(method, _session_handler(replica))
+            handlers.register_immediate(method, _session_handler(replica))
 
 
 def register_admin_handlers(handlers: Handlers, replica: Replica) -> None:

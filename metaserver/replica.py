@@ -96,6 +96,7 @@ from wire.admin_ops import (
 from wire.errors import NOT_LEADER, RpcError
 from wire.invariant import invariant
 from wire.namespace_ops import Command, Reply
+from wire.rpc import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -125,33 +126,15 @@ class ReplicaOptions:
     waits for the serialisation (and the leader refuses new proposals past half)."""
 
 
-class _Waiter:
-    """A task waiting for one outcome (a reply, or an error) from the driver."""
+class _Waiter(Deferred):
+    """The outcome of one proposal or read, settled by the driver (a reply or an error)."""
 
-    __slots__ = ("_event", "outcome", "error", "command")
+    __slots__ = ("command",)
 
-    def __init__(self, command: Any = None) -> None:
-        self._event = trio.Event()
-        self.outcome: Any = None
-        self.error: RpcError | None = None
+    def __init__(self, command: Any = None, transform: Callable[[Any], Any] | None = None):
+        super().__init__(transform)
         self.command = command
         """The decoded command, so that the leader need not decode its own proposal."""
-
-    def resolve(self, outcome: Any) -> None:
-        if not self._event.is_set():
-            self.outcome = outcome
-            self._event.set()
-
-    def fail(self, error: RpcError) -> None:
-        if not self._event.is_set():
-            self.error = error
-            self._event.set()
-
-    async def wait(self) -> Any:
-        await self._event.wait()
-        if self.error is not None:
-            raise self.error
-        return self.outcome
 
 
 MessageSink = Callable[[NodeId, list[Any]], None]
@@ -311,11 +294,19 @@ class Replica:
         """
         return await self._propose(encode_command(command), command)  # type: ignore[no-any-return]
 
+    def submit_deferred(self, command: Command, transform: Callable[[Any], Any]) -> Deferred:
+        """Like :meth:`submit` without waiting: the Deferred is resolved with
+        ``transform(reply)`` once applied here, or failed (NOT_LEADER after a leader
+        change).  Raises at once what :meth:`submit` would raise before proposing."""
+        return self._queue_proposal(encode_command(command), command, transform)
+
     async def submit_group(self, command: SetMetaserverAddress) -> None:
         """Propose a group command and return once it is applied here."""
         await self._propose(encode_group_command(command), command)
 
-    async def _propose(self, data: bytes, command: Any) -> Any:
+    def _queue_proposal(
+        self, data: bytes, command: Any, transform: Callable[[Any], Any] | None = None
+    ) -> _Waiter:
         if len(self._backlog) > self._options.apply_backlog_slots_max // 2:
             raise RpcError(errno.EAGAIN, "metaserver busy writing a snapshot; retry")
         result = self.node.propose(data)
@@ -325,17 +316,21 @@ class Replica:
             raise RpcError(errno.EAGAIN, "metaserver proposal queue is full; retry")
         if result == ProposeResult.TOO_LARGE:
             raise RpcError(errno.E2BIG, "command too large")
-        waiter = _Waiter(command)
-        waiters = self._proposals[data]
-        waiters.append(waiter)
+        waiter = _Waiter(command, transform)
+        self._proposals[data].append(waiter)
         self._kick()
+        return waiter
+
+    async def _propose(self, data: bytes, command: Any) -> Any:
+        waiter = self._queue_proposal(data, command)
+        waiters = self._proposals[data]
         try:
             return await waiter.wait()
         finally:
             if waiter in waiters:
                 waiters.remove(waiter)
-            if not waiters:
-                self._proposals.pop(data, None)
+            if not waiters and self._proposals.get(data) is waiters:
+                del self._proposals[data]
 
     async def confirm_read(self) -> None:
         """Return once the applied state may answer a linearizable read.
@@ -343,13 +338,26 @@ class Replica:
         At once while this leader holds a valid lease and has applied everything
         committed; otherwise through the core's read-index confirmation.
         """
+        waiter = self.read_deferred(None)
+        if not waiter.done:
+            await waiter.wait()
+        elif waiter.error is not None:
+            raise waiter.error
+
+    def read_deferred(self, transform: Callable[[Any], Any] | None) -> Deferred:
+        """A Deferred resolved with ``transform(None)`` -- run at that moment, so it may
+        read the namespace -- once the applied state may answer a linearizable read
+        (at once under a valid lease); failed with NOT_LEADER if leadership is lost.
+        Raises NOT_LEADER or EAGAIN at once when no read can be started here."""
         node = self.node
         if (
             self.applied_index >= node.commit_index
             and not self._backlog
             and node.lease_valid(self.now_ms())
         ):
-            return
+            ready = Deferred(transform)
+            ready.resolve(None)
+            return ready
         self._next_read_id += 1
         read_id = ReadId(self._next_read_id)
         result = node.request_read(read_id, self.now_ms())
@@ -357,13 +365,10 @@ class Replica:
             raise self.not_leader()
         if result == ReadResult.BUSY:
             raise RpcError(errno.EAGAIN, "too many reads pending; retry")
-        waiter = _Waiter()
+        waiter = _Waiter(None, transform)
         self._reads[read_id] = waiter
         self._kick()
-        try:
-            await waiter.wait()
-        finally:
-            self._reads.pop(read_id, None)
+        return waiter
 
     # ------------------------------------------------------------ membership
 
@@ -584,7 +589,7 @@ class Replica:
     def _release_reads(self) -> None:
         while self._reads_unapplied and self._reads_unapplied[0][0] <= self.applied_index:
             _index, read_id = self._reads_unapplied.popleft()
-            waiter = self._reads.get(read_id)
+            waiter = self._reads.pop(read_id, None)
             if waiter is not None:
                 waiter.resolve(None)
 
@@ -606,6 +611,8 @@ class Replica:
             reply = RpcError(errno.EPROTO, "undecodable command")
         if waiters:
             waiters.popleft()
+            if not waiters:
+                del self._proposals[data]
             assert waiter is not None
             if isinstance(reply, RpcError):
                 waiter.fail(reply)
@@ -630,6 +637,7 @@ class Replica:
         if waiter is None:
             return
         if index <= self.applied_index:
+            del self._reads[read_id]
             waiter.resolve(None)
         else:
             self._reads_unapplied.append((index, read_id))
@@ -640,8 +648,10 @@ class Replica:
             log.info("leader is now %s (ballot %s)", notice.leader, notice.ballot)
             if notice.leader != self.node.node_id:
                 # Commands that got a slot may still be chosen, or not: let the clients
-                # retry at the new leader with the same sequence numbers.
-                for waiters in self._proposals.values():
+                # retry at the new leader with the same sequence numbers.  (If one is
+                # applied here later, it is decoded from the log like any other.)
+                proposals, self._proposals = self._proposals, defaultdict(deque)
+                for waiters in proposals.values():
                     for waiter in waiters:
                         waiter.fail(self.not_leader())
         elif isinstance(notice, ProposalsDropped):
@@ -650,7 +660,7 @@ class Replica:
                     waiter.fail(self.not_leader())
         elif isinstance(notice, ReadsFailed):
             for read_id in notice.read_ids:
-                waiter = self._reads.get(read_id)
+                waiter = self._reads.pop(read_id, None)
                 if waiter is not None:
                     waiter.fail(self.not_leader())
         elif isinstance(notice, SteppedDown):

@@ -13,7 +13,7 @@ from wire import schema
 from wire.address import Address
 from wire.errors import RpcError
 from wire.framing import DEFAULT_LIMITS, FrameLimits
-from wire.rpc import CallContext, Handlers, WithPayload
+from wire.rpc import CallContext, Deferred, Handlers, WithPayload
 from wire.transport import bound_port, serve
 
 KEY = b"test-cluster-key-0123456789abcdef"
@@ -35,6 +35,10 @@ UNSERVED = schema.Method("test.unserved", Value, Value)
 NOTE = schema.Method("test.note", Value, type(None), one_way=True)
 """One-way: the service records each note; a note with a negative number is refused."""
 UNSERVED_NOTE = schema.Method("test.unserved_note", Value, type(None), one_way=True)
+QUICK = schema.Method("test.quick", Value, Value)
+"""Immediate: echoes like ECHO; a negative number raises its errno, zero crashes."""
+LATER = schema.Method("test.later", Value, Value)
+"""Immediate: the reply comes when the test settles ``service.later[number]``."""
 
 
 class EchoService:
@@ -44,6 +48,7 @@ class EchoService:
         self.sleeps_cancelled = 0
         self.sleeping = 0
         self.notes: list[int] = []
+        self.later: dict[int, Deferred] = {}
 
     async def echo(self, request: Value, _context: CallContext) -> Value:
         return Value(request.number + 1, request.text)
@@ -74,6 +79,23 @@ class EchoService:
             raise RpcError(errno.EINVAL, f"note {request.number} refused")
         self.notes.append(request.number)
 
+    def quick(self, request: Value, _context: CallContext) -> Value:
+        if request.number < 0:
+            raise RpcError(-request.number, "quick refusal")
+        if request.number == 0:
+            raise ZeroDivisionError("handler bug")
+        return Value(request.number + 1, request.text)
+
+    def later_reply(self, request: Value, _context: CallContext) -> Deferred:
+        def transform(number: int) -> Value:
+            if number < 0:
+                raise RpcError(-number, "refused later")
+            return Value(number, request.text)
+
+        deferred = Deferred(transform)
+        self.later[request.number] = deferred
+        return deferred
+
     def handlers(self) -> Handlers:
         handlers = Handlers()
         handlers.register(ECHO, self.echo)
@@ -82,6 +104,8 @@ class EchoService:
         handlers.register(SLEEP, self.sleep)
         handlers.register(BULK, self.bulk)
         handlers.register(NOTE, self.note)
+        handlers.register_immediate(QUICK, self.quick)
+        handlers.register_immediate(LATER, self.later_reply)
         return handlers
 
 

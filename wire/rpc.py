@@ -77,20 +77,121 @@ class CallContext:
 
 
 Handler = Callable[[Any, CallContext], Awaitable[Any]]
+ImmediateHandler = Callable[[Any, CallContext], Any]
+"""A handler that never blocks: it returns the reply, raises RpcError, or returns a
+:class:`Deferred` that someone settles later."""
+
+
+class Deferred:
+    """A result promised now and given later, by whoever holds it, without awaiting.
+
+    Settled once, synchronously, from any task: :meth:`resolve` passes the value through
+    ``transform`` (run at that moment; an RpcError it raises fails the Deferred instead),
+    :meth:`fail` sets an error; later settlements are ignored.  A task may ``await``
+    :meth:`wait`; the RPC layer instead attaches a callback and sends the reply from
+    there, so that a call served this way costs no task, cancel scope or event.
+    """
+
+    __slots__ = ("_transform", "_callback", "_task", "done", "value", "error")
+
+    def __init__(self, transform: Callable[[Any], Any] | None = None) -> None:
+        self._transform = transform
+        self._callback: Callable[[Deferred], None] | None = None
+        self._task: trio.lowlevel.Task | None = None
+        self.done = False
+        self.value: Any = None
+        self.error: RpcError | None = None
+
+    def resolve(self, value: Any) -> None:
+        if self.done:
+            return
+        if self._transform is not None:
+            try:
+                value = self._transform(value)
+            except RpcError as error:
+                self._settle(None, error)
+                return
+            except Exception:
+                log.exception("completing a deferred reply failed")
+                self._settle(None, RpcError(errno.EIO, "internal error"))
+                return
+        self._settle(value, None)
+
+    def fail(self, error: RpcError) -> None:
+        if not self.done:
+            self._settle(None, error)
+
+    def _settle(self, value: Any, error: RpcError | None) -> None:
+        self.done = True
+        self.value = value
+        self.error = error
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task)
+            self._task = None
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(self)
+
+    def set_callback(self, callback: Callable[[Deferred], None] | None) -> None:
+        """Call ``callback(self)`` once settled (at once if it is); None detaches."""
+        self._callback = callback
+        if callback is not None and self.done:
+            self._callback = None
+            callback(self)
+
+    async def wait(self) -> Any:
+        """The value, once settled; raises the error it was failed with."""
+        if not self.done:
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        else:
+            await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    method: schema.Method[Any, Any]
+    handler: Any
+    immediate: bool
 
 
 class Handlers:
     """The methods one end of a connection serves, declared by :class:`schema.Method`."""
 
     def __init__(self) -> None:
-        self._table: dict[str, tuple[schema.Method[Any, Any], Handler]] = {}
+        self._table: dict[str, _Entry] = {}
 
     def register(self, method: schema.Method[Req, Rep], handler: Handler) -> None:
-        if method.name in self._table:
-            raise ValueError(f"method {method.name} registered twice")
-        self._table[method.name] = (method, handler)
+        """Serve ``method`` with an async ``handler``: each call runs in a task of its own,
+        under the caller's deadline, and is cancelled by the caller's CANCEL."""
+        self._add(_Entry(method, handler, immediate=False))
 
-    def lookup(self, name: str) -> tuple[schema.Method[Any, Any], Handler] | None:
+    def register_immediate(
+        self, method: schema.Method[Req, Rep], handler: ImmediateHandler
+    ) -> None:
+        """Serve ``method`` with a plain function run by the reading task, which returns
+        the reply, raises RpcError, or returns a :class:`Deferred` settled later.
+
+        For the hottest calls (no task per call).  The caller's deadline is not enforced
+        here: a caller that gives up sends CANCEL, which answers ETIMEDOUT and drops the
+        Deferred's eventual result.  No reply payload.
+        """
+        self._add(_Entry(method, handler, immediate=True))
+
+    def _add(self, entry: _Entry) -> None:
+        if entry.method.name in self._table:
+            raise ValueError(f"method {entry.method.name} registered twice")
+        self._table[entry.method.name] = entry
+
+    def lookup(self, name: str) -> _Entry | None:
         return self._table.get(name)
 
 
@@ -159,7 +260,7 @@ class RpcConnection:
         self._call_ids = itertools.count(1)
         self._pending: dict[int, _PendingCall] = {}
         self._outgoing_slots = trio.Semaphore(calls_in_flight_max)
-        self._incoming: dict[int, trio.CancelScope] = {}
+        self._incoming: dict[int, trio.CancelScope | Deferred] = {}
         self._closed = trio.Event()
         self.close_reason: str | None = None
 
@@ -349,9 +450,13 @@ class RpcConnection:
                 raise ProtocolError("error envelope of the wrong shape")
             self._complete(call_id, RpcError(header[2], header[3][:ERROR_MESSAGE_CHARS_MAX]), None)
         elif kind == CANCEL:
-            scope = self._incoming.get(call_id)
-            if scope is not None:
-                scope.cancel()
+            serving = self._incoming.get(call_id)
+            if isinstance(serving, Deferred):
+                serving.set_callback(None)
+                del self._incoming[call_id]
+                self._reply(call_id, [ERROR, errno.ETIMEDOUT, "cancelled by the caller"])
+            elif serving is not None:
+                serving.cancel()
         else:
             raise ProtocolError(f"unknown envelope kind {kind}")
 
@@ -367,9 +472,9 @@ class RpcConnection:
             raise ProtocolError("one-way envelope of the wrong shape")
         name = header[1]
         entry = self._handlers.lookup(name)
-        if entry is None or not entry[0].one_way:
+        if entry is None or not entry.method.one_way or entry.immediate:
             raise ProtocolError(f"no one-way method {name[:64]!r}")
-        method, handler = entry
+        method, handler = entry.method, entry.handler
         try:
             message = schema.decode(method.request, header[2], name)
         except schema.SchemaError as error:
@@ -396,11 +501,78 @@ class RpcConnection:
             raise ProtocolError(
                 f"more than {self._calls_in_flight_max} calls in flight on one connection"
             )
+        entry = self._handlers.lookup(name)
+        if entry is not None and entry.immediate:
+            self._serve_immediately(call_id, name, entry, body, payload)
+            return
         scope = trio.CancelScope()
         if timeout_ms is not None:
             scope.deadline = trio.current_time() + timeout_ms / 1000
         self._incoming[call_id] = scope
         nursery.start_soon(self._serve_request, scope, call_id, name, body, payload)
+
+    def _serve_immediately(
+        self, call_id: int, name: str, entry: _Entry, body: Any, payload: Payload | None
+    ) -> None:
+        """Run an immediate handler; reply now, or when its Deferred is settled."""
+        try:
+            request = schema.decode(entry.method.request, body, name)
+        except schema.SchemaError as error:
+            self._reply(call_id, [ERROR, errno.EPROTO, str(error)[:ERROR_MESSAGE_CHARS_MAX]])
+            return
+        try:
+            result = entry.handler(request, CallContext(self, payload))
+        except RpcError as error:
+            self._reply(call_id, [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]])
+            return
+        except Exception:
+            log.exception("handler for %s failed", name)
+            self._reply(call_id, [ERROR, errno.EIO, f"internal error in {name}"])
+            return
+        if isinstance(result, Deferred):
+            self._incoming[call_id] = result
+            result.set_callback(lambda done: self._deferred_done(call_id, name, done))
+        else:
+            self._reply(call_id, self._reply_envelope(name, result, None))
+
+    def _deferred_done(self, call_id: int, name: str, deferred: Deferred) -> None:
+        """The callback of a settled Deferred (runs in whichever task settled it)."""
+        if self._incoming.get(call_id) is not deferred:
+            return  # cancelled, or the connection closed
+        del self._incoming[call_id]
+        self._reply(call_id, self._reply_envelope(name, deferred.value, deferred.error))
+
+    def _reply_envelope(self, name: str, value: Any, error: RpcError | None) -> list[Any]:
+        if error is not None:
+            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
+        try:
+            return [REPLY, schema.encode(value)]
+        except Exception:
+            log.exception("encoding the reply of %s failed", name)
+            return [ERROR, errno.EIO, f"internal error in {name}"]
+
+    def _reply(self, call_id: int, envelope: list[Any]) -> None:
+        """Send a reply without blocking; under back-pressure a task waits to send it,
+        holding the call's in-flight slot meanwhile."""
+        if self.closed:
+            return
+        envelope.insert(1, call_id)
+        if self._writer.queue(envelope) or self._nursery is None:
+            return
+        scope = trio.CancelScope()
+        self._incoming[call_id] = scope
+        self._nursery.start_soon(self._send_reply_later, scope, call_id, envelope)
+
+    async def _send_reply_later(
+        self, scope: trio.CancelScope, call_id: int, envelope: list[Any]
+    ) -> None:
+        try:
+            with scope:
+                await self._send(envelope, None, wait=True)
+        except ConnectionLost:
+            pass
+        finally:
+            self._incoming.pop(call_id, None)
 
     async def _serve_request(
         self, scope: trio.CancelScope, call_id: int, name: str, body: Any, payload: Payload | None
@@ -424,7 +596,7 @@ class RpcConnection:
         entry = self._handlers.lookup(name)
         if entry is None:
             return [ERROR, errno.ENOSYS, f"unknown method {name[:64]!r}"], None
-        method, handler = entry
+        method, handler = entry.method, entry.handler
         if method.one_way:
             return [ERROR, errno.EPROTO, f"{name[:64]} is one-way: it takes no calls"], None
         try:
@@ -447,6 +619,10 @@ class RpcConnection:
             return
         self.close_reason = reason
         self._closed.set()
+        for call_id, serving in list(self._incoming.items()):
+            if isinstance(serving, Deferred):
+                serving.set_callback(None)
+                del self._incoming[call_id]
         for pending in self._pending.values():
             if not pending.finished:
                 pending.finish(

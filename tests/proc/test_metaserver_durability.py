@@ -72,11 +72,15 @@ async def test_damage_foreign_data_and_a_lost_disk_are_refused(tmp_path: Path) -
     async with metaserver_group(tmp_path) as group:
         async with group.client() as client:
             await _run_for(NamespaceWorkload([client], seed), 1.0)
-        for node_id in (2, 3):
+        # The leader survives: followers talk only to the leader, so it is the replica
+        # sure to have heard from the one whose disk is lost below.
+        leader = await group.wait_for_leader()
+        damaged, lost = sorted(set(group.nodes) - {leader})
+        for node_id in (damaged, lost):
             group.kill(node_id)
 
         # Another cluster's key names another cluster: its directories are not ours.
-        node = group.nodes[2]
+        node = group.nodes[damaged]
         other = tmp_path / "other-cluster.toml"
         other_key = bytes(b ^ 0xFF for b in KEY)
         other.write_text(
@@ -90,7 +94,7 @@ async def test_damage_foreign_data_and_a_lost_disk_are_refused(tmp_path: Path) -
             )
         )
         node.process.argv = paxfs_argv(
-            "metaserver", other, "--id", "2", "--data", str(node.data_dir)
+            "metaserver", other, "--id", str(damaged), "--data", str(node.data_dir)
         )
         node.process.start()
         status = await node.process.wait_exit(REFUSAL_TIMEOUT_S)
@@ -103,13 +107,13 @@ async def test_damage_foreign_data_and_a_lost_disk_are_refused(tmp_path: Path) -
         middle = len(data) // 3
         data[middle] ^= 0x5A
         segment.write_bytes(bytes(data))
-        await _assert_refused(group, 2, "corrupt at byte offset", segment.name)
+        await _assert_refused(group, damaged, "corrupt at byte offset", segment.name)
 
         # A format this paxfs does not know.
-        format_file = group.nodes[3].data_dir / "FORMAT"
+        format_file = group.nodes[lost].data_dir / "FORMAT"
         format_file.write_text(format_file.read_text().replace("storage 1\n", "storage 99\n"))
-        await _assert_refused(group, 3, "format 99")
+        await _assert_refused(group, lost, "format 99")
 
         # A replica that took part and lost its disk must not come back under its id.
-        group.wipe(3)
-        await _assert_refused(group, 3, "took part", "new id")
+        group.wipe(lost)
+        await _assert_refused(group, lost, "took part", "new id")

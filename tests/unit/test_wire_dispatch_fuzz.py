@@ -22,7 +22,17 @@ from wire.rpc import CANCEL, ERROR, NOTIFY, REPLY, REQUEST, RpcConnection
 
 LIMITS = FrameLimits(header_bytes_max=2048, payload_bytes_max=4096)
 METHODS = st.sampled_from(
-    ["test.echo", "test.fail", "test.crash", "test.sleep", "test.note", "nope", ""]
+    [
+        "test.echo",
+        "test.fail",
+        "test.crash",
+        "test.sleep",
+        "test.note",
+        "test.quick",
+        "test.later",
+        "nope",
+        "",
+    ]
 )
 SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
 BODIES = st.recursive(

@@ -15,7 +15,9 @@ from tests.wire_fixtures import (
     ECHO,
     FAIL,
     KEY,
+    LATER,
     NOTE,
+    QUICK,
     SLEEP,
     UNSERVED,
     UNSERVED_NOTE,
@@ -279,3 +281,77 @@ async def test_a_call_to_a_one_way_method_is_eproto_and_a_notify_of_a_call_is_a_
         with pytest.raises(AssertionError):
             await conn.notify(ECHO, Value(1))
         assert service.notes == []
+
+
+async def test_an_immediate_handler_answers_with_its_reply_or_its_errno(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        assert await conn.call(QUICK, Value(1, "x")) == Value(2, "x")
+        with pytest.raises(RpcError) as refused:
+            await conn.call(QUICK, Value(-errno.EEXIST))
+        assert refused.value.code == errno.EEXIST
+        with pytest.raises(RpcError) as crashed:
+            await conn.call(QUICK, Value(0))
+        assert crashed.value.code == errno.EIO
+        with pytest.raises(RpcError) as malformed:
+            await conn.call(schema.Method("test.quick", str, Value), "not a Value")
+        assert malformed.value.code == errno.EPROTO
+        assert await conn.call(QUICK, Value(5)) == Value(6)
+    assert "ZeroDivisionError" in caplog.text
+
+
+async def test_a_deferred_reply_arrives_when_settled_in_any_order() -> None:
+    service = EchoService()
+    results: dict[int, object] = {}
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+
+        async def one(number: int) -> None:
+            try:
+                results[number] = await conn.call(LATER, Value(number, str(number)))
+            except RpcError as error:
+                results[number] = error.code
+
+        async with trio.open_nursery() as nursery:
+            for number in range(3):
+                nursery.start_soon(one, number)
+            with trio.fail_after(5):
+                while len(service.later) < 3:
+                    await trio.sleep(0.01)
+            assert results == {}
+            service.later[2].resolve(20)
+            service.later[0].fail(RpcError(errno.EAGAIN, "busy"))
+            service.later[1].resolve(-errno.ENOENT)
+            service.later[1].resolve(99)  # settled already: ignored
+    assert results == {2: Value(20, "2"), 0: errno.EAGAIN, 1: errno.ENOENT}
+
+
+async def test_a_caller_that_gives_up_on_a_deferred_reply_frees_its_slot() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(LATER, Value(1), timeout_s=0.1)
+        assert caught.value.code == errno.ETIMEDOUT
+        with trio.fail_after(5):
+            while service.later[1]._callback is not None:  # the CANCEL detaches the reply
+                await trio.sleep(0.01)
+        service.later[1].resolve(1)  # too late: nobody is told
+        assert await conn.call(QUICK, Value(1)) == Value(2)
+
+
+async def test_a_task_can_wait_for_a_deferred() -> None:
+    from wire.rpc import Deferred
+
+    deferred = Deferred(lambda value: value * 2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _settle_soon(deferred))
+        assert await deferred.wait() == 42
+    failed = Deferred()
+    failed.fail(RpcError(errno.EIO, "x"))
+    with pytest.raises(RpcError):
+        await failed.wait()
+
+
+async def _settle_soon(deferred: object) -> None:
+    await trio.sleep(0.01)
+    deferred.resolve(21)  # type: ignore[attr-defined]

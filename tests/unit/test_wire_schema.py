@@ -23,7 +23,11 @@ def _import_every_wire_module() -> None:
 
 
 _import_every_wire_module()
-ALL_MESSAGES = sorted(schema._registry.items())
+# Messages of wire/ only: the Paxos messages registered by metaserver.codec (when that is
+# imported first) have invariants random values break, and tests of their own.
+ALL_MESSAGES = sorted(
+    (name, cls) for name, cls in schema._registry.items() if cls.__module__.startswith("wire.")
+)
 
 st.register_type_strategy(float, st.floats(allow_nan=False))
 st.register_type_strategy(int, st.integers(-(2**63), 2**64 - 1))
