@@ -227,6 +227,7 @@ class Dataserver:
     # ---- the write pipeline --------------------------------------------------------------
 
     async def handle_write(self, request: WriteRequest, context: CallContext) -> PipelineReply:
+        self._check_pipeline_request(request)
         data = context.payload if context.payload is not None else b""
         if len(data) > WRITE_BYTES_MAX or request.offset < 0:
             raise RpcError(errno.EINVAL, f"write of {len(data)} bytes at {request.offset}")
@@ -237,15 +238,23 @@ class Dataserver:
     async def handle_truncate(
         self, request: TruncateRequest, _context: CallContext
     ) -> PipelineReply:
+        self._check_pipeline_request(request)
         return await self._pipelined(
             TRUNCATE, request, partial(self.ops.truncate, request, request.length_bytes)
         )
 
     async def handle_sync(self, request: SyncRequest, _context: CallContext) -> PipelineReply:
+        self._check_pipeline_request(request)
         try:
             return await self._pipelined(SYNC, request, partial(self.ops.sync, request))
         finally:
             self.wake_link()
+
+    def _check_pipeline_request(
+        self, request: WriteRequest | TruncateRequest | SyncRequest
+    ) -> None:
+        self._check_token(request.token, request.chunk_id, request.version, AccessMode.WRITE)
+        self._check_downstream(request.downstream)
 
     async def _pipelined(
         self,
@@ -254,10 +263,8 @@ class Dataserver:
         local: LocalStep,
         payload: bytes | bytearray | memoryview | None = None,
     ) -> PipelineReply:
-        """Serve one pipeline request: check it, forward it (with ``payload``) to the next
-        member, run ``local`` (the replica operation, in a thread) meanwhile."""
-        self._check_token(request.token, request.chunk_id, request.version, AccessMode.WRITE)
-        self._check_downstream(request.downstream)
+        """Serve one checked pipeline request: forward it (with ``payload``) to the next
+        member, and run ``local`` (the replica operation, in a thread) meanwhile."""
 
         async def forward(address: str, rest: tuple[str, ...]) -> PipelineReply:
             reply, _ = await self.peers.call(
