@@ -12,8 +12,9 @@ So, as HDFS datanodes do (``sync.behind.writes``, ``drop.cache.behind.writes``),
 contiguous range written is handed to writeback with ``sync_file_range(WRITE)`` once it
 reaches :data:`WRITEBACK_START_BYTES`, and once more than :data:`DROP_BEHIND_LAG_BYTES`
 have been handed over, the oldest range is waited for and its (now clean) pages dropped
-with ``posix_fadvise(DONTNEED)``, so that the next write reuses them. The newest bytes stay
-cached, for a read-modify-write of a partial block or a read right after a write.
+with ``posix_fadvise(DONTNEED)``, so that the next write reuses them. The newest
+:data:`DROP_BEHIND_LAG_BYTES` stay cached, also after a sync: for a read-modify-write of a
+partial block, or a read right after a write (a small file stays cached whole).
 
 Durability does not change: ``sync_file_range`` writes no metadata and flushes no disk
 cache, so :meth:`dataserver.chunk_file.ChunkFile.sync` still ends in ``fdatasync``. But a
@@ -108,14 +109,17 @@ class WriteBehind:
                 self._drop(offset, length)
 
     def synced(self) -> None:
-        """The file was just ``fdatasync``-ed: every tracked page is clean; drop them all."""
+        """The file was just ``fdatasync``-ed, so every tracked page is clean: drop the
+        oldest beyond the lag at once, and keep the newest cached (a small file stays
+        cached whole, for a read right after its close)."""
         if self._pending_bytes:
             self._started.append((self._pending_offset, self._pending_bytes))
-        for offset, length in self._started:
-            if not self._enabled:
-                break
+            self._started_bytes += self._pending_bytes
+            self._pending_bytes = 0
+        while self._enabled and self._started_bytes > self._lag_bytes:
+            offset, length = self._started.popleft()
+            self._started_bytes -= length
             self._drop(offset, length)
-        self._forget()
 
     def _forget(self) -> None:
         self._pending_bytes = 0
