@@ -339,18 +339,21 @@ def _enum_decoder(enum_type: type[enum.Enum]) -> Decoder:
 
 
 def _dataclass_decoder(cls: type) -> Decoder:
+    """Decoder of ``cls`` from its list of field values.
+
+    The first call compiles a function for the class (field decoders are resolved
+    then, not now: a message may refer to itself): each field checked inline, the
+    object built without the frozen ``__init__`` when that only stores the fields.
+    Any failure is re-run through the field-by-field path, which locates the error.
+    """
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = tuple(f.name for f in fields)
     count = len(fields)
-    # Field decoders are resolved on first use: a message may refer to itself.
     plan: list[tuple[type | None, Decoder]] = []
+    compiled: list[Decoder] = []
 
-    def decode_dataclass(raw: Any) -> Any:
-        if not plan:
-            for name in names:
-                decoder = _decoder_for(hints[name])
-                plan.append((_INLINE_TYPES.get(decoder), decoder))
+    def decode_precisely(raw: Any) -> Any:
         if type(raw) is not list and type(raw) is not tuple:
             _fail(f"{cls.__name__} fields", raw)
         if len(raw) != count:
@@ -370,7 +373,72 @@ def _dataclass_decoder(cls: type) -> Decoder:
         except (ValueError, TypeError) as error:
             raise SchemaError(str(error)) from None
 
+    def decode_dataclass(raw: Any) -> Any:
+        if not compiled:
+            for name in names:
+                decoder = _decoder_for(hints[name])
+                plan.append((_INLINE_TYPES.get(decoder), decoder))
+            compiled.append(_compile_dataclass_decoder(cls, names, plan, decode_precisely))
+        return compiled[0](raw)
+
     return decode_dataclass
+
+
+def _compile_dataclass_decoder(
+    cls: type,
+    names: tuple[str, ...],
+    plan: list[tuple[type | None, Decoder]],
+    decode_precisely: Decoder,
+) -> Decoder:
+    scope: dict[str, Any] = {
+        "_cls": cls,
+        "_precisely": decode_precisely,
+        "_SchemaError": SchemaError,
+        "_new": object.__new__,
+    }
+    arguments = [f"_a{index}" for index in range(len(names))]
+    checks = []
+    for index, (exact, decoder) in enumerate(plan):
+        scope[f"_d{index}"] = decoder
+        if exact is not None:
+            scope[f"_t{index}"] = exact
+            checks.append(f"if type(_a{index}) is not _t{index}: _a{index} = _d{index}(_a{index})")
+        else:
+            checks.append(f"_a{index} = _d{index}(_a{index})")
+    # A frozen dataclass __init__ stores each field through object.__setattr__; when it
+    # does nothing else (no __post_init__, no slots, every field an init field), filling
+    # the instance dict directly builds the same object at half the cost.
+    plain = (
+        not hasattr(cls, "__post_init__")
+        and "__slots__" not in cls.__dict__
+        and len(names) == len(dataclasses.fields(cls))
+    )
+    if plain:
+        fields = ", ".join(f"{name!r}: {arg}" for name, arg in zip(names, arguments, strict=True))
+        build = f"_o = _new(_cls)\n    _o.__dict__.update({{{fields}}})\n    return _o"
+    else:
+        build = (
+            f"try:\n        return _cls({', '.join(arguments)})\n"
+            "    except (ValueError, TypeError):\n        return _precisely(_raw)"
+        )
+    unpack = f"{', '.join(arguments)}, = _raw" if arguments else "pass"
+    body = "\n        ".join(checks) if checks else "pass"
+    source = (
+        "def decode(_raw):\n"
+        "    if type(_raw) is not list and type(_raw) is not tuple:\n"
+        "        return _precisely(_raw)\n"
+        f"    if len(_raw) != {len(names)}:\n"
+        "        return _precisely(_raw)\n"
+        f"    {unpack}\n"
+        "    try:\n"
+        f"        {body}\n"
+        "    except _SchemaError:\n"
+        "        return _precisely(_raw)\n"
+        f"    {build}\n"
+    )
+    exec(source, scope)
+    decoder: Decoder = scope["decode"]
+    return decoder
 
 
 def _tagged_decoder(allowed: tuple[type, ...]) -> Decoder:
