@@ -151,7 +151,7 @@ class HealthTally:
     bytes_wanted: int = 0
 
     def add(self, state: ClusterState, chunk: ChunkId, ref: ChunkRef) -> None:
-        if chunk in state.grants:
+        if state.is_open(chunk):
             return
         version = state.current_version(chunk)
         invariant(version is not None, f"chunk {chunk:#x} tallied without a reference")
@@ -255,7 +255,7 @@ def chunk_status(
         length=info.length,
         goal=goal,
         health=chunk_health(
-            writing=info.chunk in state.grants, counted=counted, readable=readable, goal=goal
+            writing=state.is_open(info.chunk), counted=counted, readable=readable, goal=goal
         ),
         counted=counted,
         readable=readable,
@@ -292,7 +292,7 @@ def move_refusal(
     current = state.current_version(chunk)
     if current != version:
         return errno.ESTALE, f"chunk {chunk:#x}: version {version} is not current ({current})"
-    if chunk in state.grants:
+    if state.is_open(chunk):
         return errno.EBUSY, f"chunk {chunk:#x} is being written"
     if state.copies.get(chunk):
         return errno.EBUSY, f"chunk {chunk:#x} is being copied"
@@ -571,7 +571,7 @@ class ClusterAdmin:
         held = state.replicas.get(move.chunk, {}).get(move.target)
         if (
             state.current_version(move.chunk) == move.version
-            and move.chunk not in state.grants
+            and not state.is_open(move.chunk)
             and (held is None or held.version < move.version)
         ):
             state.probed(move.chunk, move.version, move.target, request.length_bytes, now_s)

@@ -22,6 +22,11 @@ this module is its trio shell:
   chunk view: version, length and goal of every referenced chunk), and the drain of the
   namespace's deletion queue (``GetDeletions`` → deletes in heartbeat replies →
   ``AckDeletions`` through the log).
+* **Open versions** (cluster-state rules 5 and 8): write tokens live
+  ``[metaserver] chunk_token_lifetime_s`` from the open of their version (its log
+  command's time), so once that plus twice ``clock_skew_s`` has passed no dataserver
+  accepts one; a version still open then is recovered (``RecoverChunk``, a fencing sync
+  on one replica, ``CommitRecovery``) by a background task.
 * **Top-up copies** for write chains: an existing chunk whose live holders are fewer
   than its goal gets the base version copied to new servers (``data.replicate``) before
   the chain is handed out, when the base is small enough to copy within the call.
@@ -47,6 +52,7 @@ from metaserver.cluster_state import (
     ClusterCounters,
     ClusterState,
     DataserverStatus,
+    Recovery,
     RequestRefused,
     StateOptions,
     UnknownDataserver,
@@ -88,9 +94,11 @@ from wire.dataserver_ops import (
     CHUNK_INFO,
     PIPELINE_MEMBERS_MAX,
     REPLICATE,
+    SYNC,
     ChunkInfoRequest,
     PeerConnections,
     ReplicateRequest,
+    SyncRequest,
 )
 from wire.errors import RpcError
 from wire.ids import ChunkId, ChunkVersion, DataserverId, InodeId
@@ -103,6 +111,7 @@ from wire.namespace_ops import (
     ChunkReply,
     ChunkScanReply,
     ClientCommand,
+    CommitRecovery,
     DataserverModeEntry,
     DataserverModesReply,
     DeletionsReply,
@@ -110,12 +119,20 @@ from wire.namespace_ops import (
     GetDataserverModes,
     GetDeletions,
     OpenChunk,
+    RecoverChunk,
     ScanChunks,
     SetDataserverMode,
     SystemCommand,
 )
 from wire.rpc import CallContext, Handlers
-from wire.tokens import AccessMode, ChunkToken, sign_token
+from wire.tokens import (
+    CLOCK_SKEW_S,
+    TOKEN_LIFETIME_S,
+    AccessMode,
+    ChunkToken,
+    accepted_until_s,
+    sign_token,
+)
 
 log = logging.getLogger("metaserver.cluster")
 
@@ -138,6 +155,9 @@ PROBE_TIMEOUT_S = 1.0
 """A chain member that does not say within this which version it holds is left out."""
 EXCLUDE_MAX = PIPELINE_MEMBERS_MAX * 4
 """Addresses one open for write may exclude."""
+FENCE_TIMEOUT_S = 10.0
+"""A recovery's sync on its chosen replica not answered by then fails (retried later);
+also the life of the write token that sync carries."""
 
 ExtraServices = Callable[[Replica, Handlers, trio.Nursery], None]
 
@@ -150,8 +170,10 @@ class ClusterManagerOptions:
     """Heartbeat silence after which a dataserver is dead."""
     grace_s: float = 30.0
     """Safe mode after becoming leader: reports arrive, nothing is deleted or copied."""
-    write_settle_s: float = 30.0
-    """A chunk opened for write is left alone (no copy, trim, cleanup) this long."""
+    token_lifetime_s: float = TOKEN_LIFETIME_S
+    """Life of the write tokens this leader signs (from the open of the version)."""
+    clock_skew_s: float = CLOCK_SKEW_S
+    """How far apart the cluster's wall clocks may be."""
     scan_interval_s: float = 7.5
     """Pause between two namespace scans (and the minimum age of garbage)."""
     tick_s: float = 1.0
@@ -161,19 +183,26 @@ class ClusterManagerOptions:
 
     @classmethod
     def from_config(cls, config: Config) -> ClusterManagerOptions:
-        """Everything follows ``[metaserver] dataserver_dead_after_s``: the grace period
-        and the write settling time equal it (a dataserver has then had its chance to
-        report), scans run four times per period, ticks ten times (bounded)."""
-        dead_after_s = config.metaserver.dataserver_dead_after_s
-        rate_mib_s = config.metaserver.replication_rate_mib_s
+        """Timing follows ``[metaserver] dataserver_dead_after_s``: the grace period
+        equals it (a dataserver has then had its chance to report), scans run four times
+        per period, ticks ten times (bounded).  Tokens follow ``chunk_token_lifetime_s``
+        and ``clock_skew_s``."""
+        settings = config.metaserver
+        dead_after_s = settings.dataserver_dead_after_s
+        rate_mib_s = settings.replication_rate_mib_s
         if dead_after_s <= 0:
             raise ConfigError(f"{config.source}: [metaserver] dataserver_dead_after_s must be > 0")
         if rate_mib_s <= 0:
             raise ConfigError(f"{config.source}: [metaserver] replication_rate_mib_s must be > 0")
+        if settings.chunk_token_lifetime_s <= 0:
+            raise ConfigError(f"{config.source}: [metaserver] chunk_token_lifetime_s must be > 0")
+        if settings.clock_skew_s < 0:
+            raise ConfigError(f"{config.source}: [metaserver] clock_skew_s must be >= 0")
         return cls(
             dead_after_s=dead_after_s,
             grace_s=dead_after_s,
-            write_settle_s=dead_after_s,
+            token_lifetime_s=settings.chunk_token_lifetime_s,
+            clock_skew_s=settings.clock_skew_s,
             scan_interval_s=min(SCAN_INTERVAL_S_MAX, max(SCAN_INTERVAL_S_MIN, dead_after_s / 4)),
             tick_s=min(TICK_S_MAX, max(TICK_S_MIN, dead_after_s / 10)),
             copy_rate_bytes_s=rate_mib_s * MIB,
@@ -228,6 +257,7 @@ class ClusterManager:
             nursery.start_soon(self._scan_loop)
             nursery.start_soon(self._deletion_loop)
             nursery.start_soon(self._modes_loop)
+            nursery.start_soon(self._recovery_loop)
 
     def counters(self) -> ClusterCounters | None:
         """The health counters of the current reign (None when not leader)."""
@@ -276,7 +306,9 @@ class ClusterManager:
                 StateOptions(
                     dead_after_s=self._options.dead_after_s,
                     grace_s=self._options.grace_s,
-                    write_settle_s=self._options.write_settle_s,
+                    open_max_s=accepted_until_s(
+                        0.0, self._options.token_lifetime_s, self._options.clock_skew_s
+                    ),
                     copy_rate_bytes_s=self._options.copy_rate_bytes_s,
                     chunk_size_bytes=replica.namespace.config.chunk_size_bytes,
                 ),
@@ -396,10 +428,10 @@ class ClusterManager:
         if len(request.exclude) > EXCLUDE_MAX:
             raise RpcError(errno.EINVAL, f"more than {EXCLUDE_MAX} excluded dataservers")
         self._current()
-        reply = reply_or_raise(
-            await self._replica.submit(ClientCommand(time.time_ns(), request.call))
-        )
+        command = ClientCommand(time.time_ns(), request.call)
+        reply = reply_or_raise(await self._replica.submit(command))
         invariant(isinstance(reply, ChunkReply), f"OpenChunk answered {type(reply).__name__}")
+        opened_ns = self._opened_ns(op, reply, command.time_ns)
         state = self._current()
         excluded = [state.dataserver_id(address) for address in request.exclude]
         if reply.version > 1:
@@ -418,6 +450,7 @@ class ClusterManager:
                 reply.goal,
                 [ds for ds in excluded if ds is not None],
                 trio.current_time(),
+                opened_ns=opened_ns,
             )
         except RequestRefused as error:
             raise RpcError(error.code, error.message) from None
@@ -426,7 +459,15 @@ class ClusterManager:
             chain = await self._top_up(state, reply.chunk, plan.base, plan.topups, chain)
         if not chain:
             log.warning("chunk %#x v%d: no dataserver to write to", reply.chunk, reply.version)
-        token = sign_token(self._key, reply.chunk, reply.version, AccessMode.WRITE, time.time())
+        token = sign_token(
+            self._key,
+            reply.chunk,
+            reply.version,
+            AccessMode.WRITE,
+            opened_ns / 1e9,
+            lifetime_s=self._options.token_lifetime_s,
+            clock_skew_s=self._options.clock_skew_s,
+        )
         return WritableChunk(
             op.index,
             reply.chunk,
@@ -438,6 +479,22 @@ class ClusterManager:
             tuple(state.address(ds) for ds in chain),
             token,
         )
+
+    def _opened_ns(self, op: OpenChunk, reply: ChunkReply, command_ns: int) -> int:
+        """When the namespace opened the version ``reply`` names: a write token's life is
+        counted from then, so that the leader knows when none is accepted any more (a
+        retried open gets the first open's reply, and its time).  The command's own time
+        when the version is no longer open (nobody can commit it then)."""
+        page = self._replica.namespace.query(ScanChunks(op.inode, op.index, 1), ROOT_CREDENTIALS)
+        if isinstance(page, ChunkScanReply):
+            for entry in page.entries:
+                if (
+                    entry.chunk == reply.chunk
+                    and entry.version == reply.version
+                    and entry.opened_ns is not None
+                ):
+                    return min(entry.opened_ns, command_ns)
+        return command_ns
 
     async def _probe(
         self,
@@ -631,7 +688,9 @@ class ClusterManager:
             )
             invariant(isinstance(page, ChunkScanReply), "ScanChunks answered another type")
             for entry in page.entries:
-                scanned[entry.chunk] = ChunkRef(entry.version, entry.length, entry.goal)
+                scanned[entry.chunk] = ChunkRef(
+                    entry.version, entry.length, entry.goal, entry.opened_ns, entry.recovering
+                )
             if page.done:
                 return scanned
             inode, index = page.next_inode, page.next_index
@@ -665,6 +724,77 @@ class ClusterManager:
                 await self._replica.submit(SystemCommand(time.time_ns(), AckDeletions(tuple(acks))))
             )
             log.info("acknowledged %d deleted chunks (%d queued)", len(acks), page.total)
+
+    async def _recovery_loop(self) -> None:
+        """Every tick, recover the open versions that are due (cluster-state rule 8)."""
+        while True:
+            await trio.sleep(self._options.tick_s)
+            state = self._state_if_leader()
+            if state is None:
+                continue
+            try:
+                due = state.recoveries(trio.current_time(), time.time_ns())
+                async with trio.open_nursery() as nursery:
+                    for recovery in due:
+                        nursery.start_soon(self._recover, state, recovery)
+            except Exception:
+                self._lose_state("recovering open chunks", state)
+
+    async def _recover(self, state: ClusterState, recovery: Recovery) -> None:
+        """Carry out one recovery: RecoverChunk, the fencing sync, CommitRecovery."""
+        chunk, version = recovery.chunk, recovery.version
+        fenced_version = ChunkVersion(version + 1)
+        committed = False
+        try:
+            started = SystemCommand(
+                time.time_ns(), RecoverChunk(chunk, version, recovery.opened_ns)
+            )
+            reply_or_raise(await self._replica.submit(started))
+            if self._state is not state:
+                return
+            state.recovery_started(recovery, started.time_ns)
+            if recovery.source is not None:
+                length = await self._fence(state, recovery, fenced_version)
+                if self._state is not state:
+                    return
+                state.recovery_fenced(recovery, length, trio.current_time())
+            done = SystemCommand(
+                time.time_ns(), CommitRecovery(chunk, fenced_version, started.time_ns)
+            )
+            reply_or_raise(await self._replica.submit(done))
+            committed = True
+            log.warning(
+                "chunk %#x: version %d was left open by its writer; recovered as version %d%s",
+                chunk,
+                version,
+                fenced_version,
+                "" if recovery.source is None else f" from {state.address(recovery.source)}",
+            )
+        except RpcError as error:
+            log.info("chunk %#x v%d: recovery not finished: %s", chunk, version, error)
+        finally:
+            if self._state is state:
+                state.recovery_done(recovery, committed=committed, now_s=trio.current_time())
+
+    async def _fence(self, state: ClusterState, recovery: Recovery, version: ChunkVersion) -> int:
+        """Derive ``version`` on the recovery's source from the base it holds (a sync
+        alone, so every byte it holds stays); its length."""
+        peers = self._peers
+        source = recovery.source
+        invariant(peers is not None and source is not None, "fence without peers or source")
+        assert peers is not None and source is not None
+        token = sign_token(
+            self._key,
+            recovery.chunk,
+            version,
+            AccessMode.WRITE,
+            time.time(),
+            lifetime_s=FENCE_TIMEOUT_S,
+            clock_skew_s=self._options.clock_skew_s,
+        )
+        request = SyncRequest(recovery.chunk, version, recovery.base, False, token, ())
+        reply, _ = await peers.call(state.address(source), SYNC, request, timeout_s=FENCE_TIMEOUT_S)
+        return int(reply.length_bytes)
 
     async def _modes_loop(self) -> None:
         """Install the mode table in each reign as soon as it begins, then every tick."""

@@ -22,9 +22,21 @@ Rules of this file:
    over-replication trims never go below the goal; a client's bad-replica report cannot
    mark the last good replica corrupt.  Replicas on dead dataservers are never counted as
    good but are remembered, so a chunk with no live good replica is *missing*, not lost.
-5. **Writes in flux are left alone.**  A chunk opened for write is not copied, trimmed or
-   cleaned for ``write_settle_s`` after the open: a copy taken in the middle of a
-   pipeline write would be a replica of the right version with the wrong bytes.
+5. **Open versions are never copied.**  A chunk whose current version the namespace
+   holds open for write (opened, not committed since: :attr:`ChunkRef.opened_ns`, from
+   the scan, or from this reign's own grant) is not copied, trimmed or cleaned: a copy
+   taken while a writer may still write would be a replica of the right version with
+   the wrong bytes.  A new leader knows open versions from its first scan.
+8. **Open versions are recovered, not waited for forever.**  Once no dataserver accepts
+   a token for an open version any more (``open_max_s`` after the open, by the wall
+   clock: the token lifetime plus twice the clock skew), :meth:`ClusterState.recoveries`
+   names one readable replica of it (or of the version it derives from).  The shell
+   moves the chunk to a new *recovering* version through the log (``RecoverChunk``; no
+   client ever gets a token for it), derives that version on the chosen replica (the
+   old writer is fenced off it), and closes it (``CommitRecovery``); the other replicas,
+   now stale, are deleted while the survivor is copied to the goal.  A recovering
+   version left by an attempt that did not finish is recovered again at once, under a
+   newer version, so no version is ever derived on two replicas.
 6. **Bounded.**  Command queues, report batches, copies per server and the work of one
    :meth:`ClusterState.plan` call all have named limits.
 7. **Maintenance outlives the reign.**  A dataserver in maintenance that has not sent a
@@ -60,7 +72,7 @@ from wire.cluster_ops import (
 from wire.ids import ChunkId, ChunkVersion, DataserverId
 from wire.invariant import invariant
 from wire.namespace_ops import DataserverModeEntry, DeletedChunk
-from wire.tokens import ChunkToken
+from wire.tokens import CLOCK_SKEW_S, TOKEN_LIFETIME_S, ChunkToken
 
 DATASERVERS_MAX = 10_000
 """Registered dataservers (live or dead) one leader keeps; more are refused (EUSERS)."""
@@ -85,6 +97,11 @@ DELETION_ENTRIES_TRACKED_MAX = 4 * 4096
 """Deletion-queue entries whose first sighting is remembered (a few pages' worth)."""
 TRIM_HOLDS_MAX = 10_000
 """Chunks whose over-replication trims are held at once (balancer moves under way)."""
+RECOVERIES_IN_FLIGHT_MAX = 64
+"""Open versions being recovered at once (each costs a sync on one dataserver and one
+log command)."""
+RECOVERY_RETRY_S = 5.0
+"""A recovery that failed (or was not reported done) is tried again after this long."""
 
 
 class ServerState(enum.Enum):
@@ -142,13 +159,15 @@ class StateOptions:
 
     dead_after_s: float = 30.0
     grace_s: float = 30.0
-    write_settle_s: float = 30.0
+    open_max_s: float = TOKEN_LIFETIME_S + 2 * CLOCK_SKEW_S
+    """Wall-clock time after an open for write when no token for that version is accepted
+    any more (:func:`wire.tokens.accepted_until_s`): an open version is recovered then."""
     copy_rate_bytes_s: float = 200 * 1024 * 1024
     chunk_size_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         invariant(self.dead_after_s > 0, "dead_after_s must be positive")
-        invariant(self.grace_s >= 0 and self.write_settle_s >= 0, "negative grace or settle")
+        invariant(self.grace_s >= 0 and self.open_max_s > 0, "negative grace or open time")
         invariant(self.copy_rate_bytes_s > 0, "copy rate must be positive")
         invariant(self.chunk_size_bytes > 0, "chunk size must be positive")
 
@@ -164,11 +183,30 @@ class Replica:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """A chunk the namespace references: its current version, committed length, goal."""
+    """A chunk the namespace references: its current version, committed length, goal,
+    and (``opened_ns``, wall-clock ns) when that version was opened for write and is not
+    committed yet; None for a committed version."""
 
     version: ChunkVersion
     length_bytes: int
     goal: int
+    opened_ns: int | None = None
+    recovering: bool = False
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Recover the open ``version`` of ``chunk`` (opened at ``opened_ns``): move it to
+    ``version + 1`` (``RecoverChunk``), derive that on ``source`` from the ``base`` it
+    holds (a sync with a write token for the new version), then ``CommitRecovery``.
+    ``source`` is None when no replica of a chunk without committed data is known: the
+    two commands alone are enough."""
+
+    chunk: ChunkId
+    version: ChunkVersion
+    opened_ns: int
+    source: DataserverId | None
+    base: ChunkVersion | None
 
 
 @dataclass(frozen=True)
@@ -338,6 +376,9 @@ class ClusterState:
         self.replicas: dict[ChunkId, dict[DataserverId, Replica]] = {}
         self._first_seen_s: dict[ChunkId, float] = {}
         self.refs: dict[ChunkId, ChunkRef] = {}
+        self.open_refs: dict[ChunkId, int] = {}
+        """The referenced chunks whose version is open for write, with the open's time."""
+        self._recovering: dict[ChunkId, float] = {}
         self.scan_started_s: float | None = None
         self.scans_completed = 0
         self.grants: dict[ChunkId, WriteGrant] = {}
@@ -596,8 +637,11 @@ class ClusterState:
         goal: int,
         exclude: Iterable[DataserverId],
         now_s: float,
+        *,
+        opened_ns: int,
     ) -> WritePlan:
-        """The chain for a chunk version the namespace just opened for writing.
+        """The chain for a chunk version the namespace just opened for writing (at
+        ``opened_ns``, the open command's time: the version is open from then on).
 
         A new chunk (version 1) goes to ``goal`` servers chosen by placement.  An
         existing chunk is written on the live holders of the version it derives from
@@ -608,7 +652,7 @@ class ClusterState:
         """
         invariant(version >= 1 and goal >= 1, f"bad grant v{version} goal {goal}")
         excluded = set(exclude)
-        ref = ChunkRef(version, length_bytes, goal)
+        ref = ChunkRef(version, length_bytes, goal, opened_ns)
         previous = self.grants.get(chunk)
         if previous is not None and previous.version == version:
             # A retried open (the namespace answered it from its session table).
@@ -620,8 +664,12 @@ class ClusterState:
             self.grants[chunk] = replace(previous, chain=chain, granted_s=now_s)
             return WritePlan(chain, previous.base, 0, ())
         known = self.refs.get(chunk)
-        if known is None or known.version <= version:
-            self.refs[chunk] = ref
+        if (
+            known is None
+            or known.version < version
+            or (known.version == version and known.opened_ns is not None)
+        ):
+            self._set_ref(chunk, ref)
         base: ChunkVersion | None = None
         base_length = 0
         topups: tuple[tuple[DataserverId, DataserverId], ...] = ()
@@ -815,7 +863,7 @@ class ClusterState:
             return _COLLECTING_REPORTS
         if ref is None:
             return "no file references the chunk"
-        if chunk in self.grants:
+        if self.is_open(chunk):
             return "the chunk is being written"
         if self._effective_version(chunk, ref.version) != version:
             return f"version {version} is no longer the current one"
@@ -839,6 +887,98 @@ class ClusterState:
         self._dirty[chunk] = None
         return None
 
+    # ------------------------------------------------------------------ open versions
+
+    def is_open(self, chunk: ChunkId) -> bool:
+        """True while the chunk's current version is open for write (rule 5)."""
+        return chunk in self.open_refs
+
+    def _set_ref(self, chunk: ChunkId, ref: ChunkRef) -> None:
+        self.refs[chunk] = ref
+        if ref.opened_ns is None:
+            self.open_refs.pop(chunk, None)
+        else:
+            self.open_refs[chunk] = ref.opened_ns
+        self._dirty[chunk] = None
+
+    def _forget_ref(self, chunk: ChunkId) -> None:
+        del self.refs[chunk]
+        self.open_refs.pop(chunk, None)
+        self.grants.pop(chunk, None)
+        self._dirty[chunk] = None
+
+    def recoveries(self, now_s: float, wall_ns: int) -> list[Recovery]:
+        """Open versions to recover now (rule 8), at most RECOVERIES_IN_FLIGHT_MAX under
+        way; each stays under way until :meth:`recovery_done` or RECOVERY_RETRY_S.
+
+        Due: a client's open older than ``open_max_s`` at ``wall_ns``; a recovering
+        version at once (an attempt of an earlier reign, or one that failed).  The source
+        is the longest readable good replica of the version readers get
+        (:meth:`_effective_version`): it holds every committed byte and, when it holds
+        the open version itself, every write acknowledged at it.  A chunk with committed
+        data but no readable replica waits (it is missing).
+        """
+        if self.safe_mode(now_s):
+            return []
+        for chunk in [c for c, until_s in self._recovering.items() if until_s <= now_s]:
+            del self._recovering[chunk]
+        due_ns = wall_ns - int(self.options.open_max_s * 1e9)
+        found: list[Recovery] = []
+        for chunk, opened_ns in self.open_refs.items():
+            if len(self._recovering) >= RECOVERIES_IN_FLIGHT_MAX:
+                break
+            ref = self.refs[chunk]
+            if chunk in self._recovering or (opened_ns > due_ns and not ref.recovering):
+                continue
+            effective = self._effective_version(chunk, ref.version)
+            sources = self._good_readable(chunk, effective)
+            if sources:
+                holders = self.replicas[chunk]
+                source = max(
+                    sources, key=lambda ds: (holders[ds].length_bytes, -self.servers[ds].load, ds)
+                )
+                recovery = Recovery(chunk, ref.version, opened_ns, source, effective)
+            elif ref.length_bytes == 0 and not self.replicas.get(chunk):
+                recovery = Recovery(chunk, ref.version, opened_ns, None, None)
+            else:
+                continue
+            self._recovering[chunk] = now_s + RECOVERY_RETRY_S
+            found.append(recovery)
+        return found
+
+    def recovery_started(self, recovery: Recovery, opened_ns: int) -> None:
+        """The log moved the chunk to ``version + 1``, recovering since ``opened_ns``."""
+        ref = self.refs.get(recovery.chunk)
+        if ref is not None and ref.version == recovery.version:
+            version = ChunkVersion(ref.version + 1)
+            recovering = ChunkRef(version, ref.length_bytes, ref.goal, opened_ns, True)
+            self._set_ref(recovery.chunk, recovering)
+        grant = self.grants.get(recovery.chunk)
+        if grant is not None and grant.version <= recovery.version:
+            del self.grants[recovery.chunk]
+
+    def recovery_fenced(self, recovery: Recovery, length_bytes: int, now_s: float) -> None:
+        """The source of ``recovery`` now holds ``version + 1`` with ``length_bytes``."""
+        source = recovery.source
+        invariant(source is not None, "a recovery without a source was fenced")
+        assert source is not None
+        if source in self.servers:
+            replica = Replica(ChunkVersion(recovery.version + 1), length_bytes, False)
+            self._set_replica(recovery.chunk, source, replica, now_s)
+
+    def recovery_done(self, recovery: Recovery, *, committed: bool, now_s: float) -> None:
+        """The log closed the recovered version (``committed``), or the attempt failed
+        or lost a race with a writer: tried again after RECOVERY_RETRY_S if the chunk is
+        still open then."""
+        chunk = recovery.chunk
+        if not committed:
+            self._recovering[chunk] = now_s + RECOVERY_RETRY_S
+            return
+        self._recovering.pop(chunk, None)
+        ref = self.refs.get(chunk)
+        if ref is not None and ref.version == recovery.version + 1 and ref.recovering:
+            self._set_ref(chunk, ChunkRef(ref.version, ref.length_bytes, ref.goal))
+
     # ------------------------------------------------------------------ namespace input
 
     @property
@@ -858,15 +998,20 @@ class ClusterState:
         """A complete namespace scan that started at ``started_s`` becomes the chunk view.
 
         Chunks opened for write since it started keep the newer version their grant
-        knows.  Every chunk is re-examined.
+        knows.  A grant ends once the view has its version committed (or gone).  Every
+        chunk is re-examined.
         """
         merged = dict(scanned)
-        for chunk, grant in self.grants.items():
-            if grant.granted_s >= started_s:
-                seen = merged.get(chunk)
-                if seen is None or seen.version < grant.ref.version:
-                    merged[chunk] = grant.ref
+        for chunk, grant in list(self.grants.items()):
+            seen = merged.get(chunk)
+            if grant.granted_s >= started_s and (seen is None or seen.version < grant.version):
+                merged[chunk] = grant.ref
+            elif seen is None or seen.version != grant.version or seen.opened_ns is None:
+                del self.grants[chunk]
         self.refs = merged
+        self.open_refs = {
+            chunk: ref.opened_ns for chunk, ref in merged.items() if ref.opened_ns is not None
+        }
         self.scan_started_s = started_s
         self.scans_completed += 1
         self._dirty_all(self.replicas)
@@ -902,7 +1047,7 @@ class ClusterState:
                 acks.append(entry)
                 continue
             if ref is not None:
-                del self.refs[entry.chunk]
+                self._forget_ref(entry.chunk)
             remaining = False
             for ds, stored in self.replicas.get(entry.chunk, {}).items():
                 if stored.version > entry.version or self.state_of(ds) is ServerState.DEAD:
@@ -938,10 +1083,6 @@ class ClusterState:
         return bool(self._dirty)
 
     def _expire(self, now_s: float) -> None:
-        settle_s = self.options.write_settle_s
-        for chunk in [c for c, g in self.grants.items() if now_s - g.granted_s >= settle_s]:
-            del self.grants[chunk]
-            self._dirty[chunk] = None
         for jobs in list(self.copies.values()):
             for job in [j for j in jobs if j.deadline_s <= now_s]:
                 self._end_copy(job, failed=True, now_s=now_s)
@@ -957,10 +1098,10 @@ class ClusterState:
         queued = self._under.pop(chunk, None)
         self._unschedulable.pop(chunk, None)
         self._held_for_maintenance.pop(chunk, None)
-        if chunk in self.grants:
-            return
         holders = self.replicas.get(chunk, {})
         ref = self.refs.get(chunk)
+        if ref is not None and ref.opened_ns is not None:
+            return
         if ref is None:
             self._reconcile_unreferenced(chunk, holders)
             return
@@ -1333,7 +1474,7 @@ class ClusterState:
             bytes_copied=self.bytes_copied,
             deletes_sent=self.deletes_sent,
             deletion_queue=self.deletion_queue,
-            writes_in_flux=len(self.grants),
+            writes_in_flux=len(self.open_refs),
             scans_completed=self.scans_completed,
         )
 

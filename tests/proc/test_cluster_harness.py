@@ -330,13 +330,16 @@ async def running_cluster(
     chunk_size_bytes: int = CHUNK_BYTES,
     replication_rate_mib_s: float = 200.0,
     show_logs: bool = True,
+    metaserver_settings: dict[str, object] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Start 3 metaservers and ``dataservers`` dataservers; stop every one on exit
-    (printing the tails of their logs unless ``show_logs`` is False)."""
+    (printing the tails of their logs unless ``show_logs`` is False).
+    ``metaserver_settings`` adds to (or overrides) the ``[metaserver]`` table."""
     settings = {
         **FAST_ELECTIONS,
         "dataserver_dead_after_s": dead_after_s,
         "replication_rate_mib_s": replication_rate_mib_s,
+        **(metaserver_settings or {}),
     }
     group = MetaserverGroup(tmp_path, 3, settings=settings)
     ports = free_ports(dataservers)

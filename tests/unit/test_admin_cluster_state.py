@@ -90,7 +90,7 @@ def test_releases_are_refused_in_safe_mode_for_stale_versions_and_writes() -> No
     assert script.state.current_version(X) == V1
     assert script.state.current_version(Y) is None
     assert "no longer the current" in (script.state.release_replica(X, V2, A, script.now) or "")
-    script.state.grant_write(X, V2, MIB, 3, [], script.now)
+    script.state.grant_write(X, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert "being written" in (script.state.release_replica(X, V1, A, script.now) or "")
 
 

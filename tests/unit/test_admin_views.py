@@ -85,7 +85,7 @@ def test_missing_chunks_are_not_repair_work_and_written_chunks_are_left_out() ->
     result = tally(script)
     assert HealthTally.cells(result.counted) == (MatrixCell(3, 0, 1), MatrixCell(3, 3, 1))
     assert result.replicas_wanted == 0, "a chunk with no readable replica cannot be copied"
-    script.state.grant_write(Y, V2, MIB, 3, [], script.now)
+    script.state.grant_write(Y, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert HealthTally.cells(tally(script).counted) == (MatrixCell(3, 0, 1),)
 
 

@@ -42,7 +42,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 DEAD_AFTER_S = 10.0
 GRACE_S = 5.0
-SETTLE_S = 5.0
+OPEN_MAX_S = 40.0
 A, B, C, D, E = (DataserverId(i) for i in range(1, 6))
 X, Y, Z = ChunkId(0x10), ChunkId(0x20), ChunkId(0x30)
 V1, V2, V3 = ChunkVersion(1), ChunkVersion(2), ChunkVersion(3)
@@ -73,7 +73,7 @@ class Script:
             StateOptions(
                 dead_after_s=DEAD_AFTER_S,
                 grace_s=GRACE_S,
-                write_settle_s=SETTLE_S,
+                open_max_s=OPEN_MAX_S,
                 copy_rate_bytes_s=rate_bytes_s,
                 chunk_size_bytes=chunk_size_bytes,
             ),
@@ -171,11 +171,25 @@ class Script:
 
     # ---- the namespace and time ---------------------------------------------------
 
-    def scan(self, refs: dict[ChunkId, tuple[ChunkVersion, int, int]]) -> None:
+    def scan(
+        self,
+        refs: dict[ChunkId, tuple[ChunkVersion, int, int]],
+        opened: dict[ChunkId, int] | None = None,
+    ) -> None:
+        """A namespace scan: ``opened`` gives the open time of the chunks whose version
+        is open for write (the rest are committed)."""
+        opened = opened or {}
         self.state.install_scan(
-            {chunk: ChunkRef(v, length, goal) for chunk, (v, length, goal) in refs.items()},
+            {
+                chunk: ChunkRef(v, length, goal, opened.get(chunk))
+                for chunk, (v, length, goal) in refs.items()
+            },
             self.now,
         )
+
+    def wall_ns(self) -> int:
+        """The wall clock (the scripts keep it in step with the monotonic one)."""
+        return int(self.now * 1e9)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -429,7 +443,9 @@ def test_an_abandoned_open_keeps_the_older_replicas_and_serves_them() -> None:
     version, holders = script.state.locate(X, V3)
     assert version == V2 and set(holders) == {A, B, C}
     # The next open derives from what the servers hold.
-    plan = script.state.grant_write(X, ChunkVersion(4), MIB, 3, (), script.now)
+    plan = script.state.grant_write(
+        X, ChunkVersion(4), MIB, 3, (), script.now, opened_ns=script.wall_ns()
+    )
     assert plan.base == V2 and set(plan.chain) == {A, B, C}
 
 
@@ -497,7 +513,7 @@ def test_a_decommissioning_server_is_copied_off_but_keeps_its_replicas() -> None
     script.round([A, B, C, D])
     assert set(script.holders(X)) == {A, B, C, D}
     assert A in script.state.locate(X, V1)[1]  # still read from
-    plan = script.state.grant_write(Y, V1, 0, 4, [], script.now)
+    plan = script.state.grant_write(Y, V1, 0, 4, [], script.now, opened_ns=script.wall_ns())
     assert A not in plan.chain
     script.state.set_admin_state(A, None)
     script.round([A, B, C, D])
@@ -619,17 +635,17 @@ def test_a_heartbeat_reply_carries_at_most_the_command_limit() -> None:
 
 def test_a_new_chunk_goes_to_goal_distinct_live_servers_minus_the_excluded() -> None:
     script = Script([A, B, C, D])
-    plan = script.state.grant_write(X, V1, 0, 3, [D], script.now)
+    plan = script.state.grant_write(X, V1, 0, 3, [D], script.now, opened_ns=script.wall_ns())
     assert plan.base is None and plan.topups == ()
     assert len(set(plan.chain)) == 3 and D not in plan.chain
-    small = script.state.grant_write(Y, V1, 0, 16, [], script.now)
+    small = script.state.grant_write(Y, V1, 0, 16, [], script.now, opened_ns=script.wall_ns())
     assert sorted(small.chain) == [A, B, C, D]
 
 
 def test_a_retried_open_gets_the_same_chain() -> None:
     script = Script([A, B, C, D])
-    first = script.state.grant_write(X, V1, 0, 3, [], script.now)
-    again = script.state.grant_write(X, V1, 0, 3, [], script.now)
+    first = script.state.grant_write(X, V1, 0, 3, [], script.now, opened_ns=script.wall_ns())
+    again = script.state.grant_write(X, V1, 0, 3, [], script.now, opened_ns=script.wall_ns())
     assert again.chain == first.chain
 
 
@@ -640,7 +656,7 @@ def test_an_existing_chunk_is_written_on_its_holders_topped_up_by_copies() -> No
     script.store(C, X, ChunkVersion(0))  # an older copy: may be replaced by a top-up
     for ds in (A, B, C):
         script.full_report(ds)
-    plan = script.state.grant_write(X, V2, MIB, 3, [B], script.now)
+    plan = script.state.grant_write(X, V2, MIB, 3, [B], script.now, opened_ns=script.wall_ns())
     assert plan.base == V1 and plan.chain == (A,)
     assert len(plan.topups) == 2 and all(source == A for _, source in plan.topups)
     assert {target for target, _ in plan.topups} == {C, D}
@@ -652,22 +668,25 @@ def test_no_live_replica_to_derive_from_is_an_error_unless_the_chunk_is_empty() 
     script = Script([A, B, C])
     script.leave_safe_mode({})
     with pytest.raises(RequestRefused) as caught:
-        script.state.grant_write(X, V2, MIB, 3, [], script.now)
+        script.state.grant_write(X, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert caught.value.code == errno.EIO
-    plan = script.state.grant_write(Y, V2, 0, 3, [], script.now)
+    plan = script.state.grant_write(Y, V2, 0, 3, [], script.now, opened_ns=script.wall_ns())
     assert plan.base is None and len(plan.chain) == 3
 
 
 def test_a_young_leader_asks_writers_to_retry_until_reports_arrive() -> None:
     script = Script([])
     with pytest.raises(RequestRefused) as caught:
-        script.state.grant_write(X, V1, 0, 3, [], script.now)
+        script.state.grant_write(X, V1, 0, 3, [], script.now, opened_ns=script.wall_ns())
     assert caught.value.code == errno.EAGAIN
     with pytest.raises(RequestRefused) as caught:
-        script.state.grant_write(Y, V2, MIB, 3, [], script.now)
+        script.state.grant_write(Y, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert caught.value.code == errno.EAGAIN
     script.leave_safe_mode({})
-    assert script.state.grant_write(X, V1, 0, 3, [], script.now).chain == ()
+    assert (
+        script.state.grant_write(X, V1, 0, 3, [], script.now, opened_ns=script.wall_ns()).chain
+        == ()
+    )
 
 
 def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_probing() -> None:
@@ -676,7 +695,7 @@ def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_prob
         script.store(ds, X, V1)
         script.full_report(ds)
     state = script.state
-    first = state.grant_write(X, V2, MIB, 3, [], script.now)
+    first = state.grant_write(X, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert set(first.chain) == {A, B, C}
     # The first member failed; nobody renamed to V2.  The next open asks the others.
     failed = first.chain[0]
@@ -684,28 +703,36 @@ def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_prob
     assert sorted(unsure) == sorted(set(first.chain) - {failed})
     for ds in unsure:
         state.probed(X, V2, ds, None, script.now)
-    second = state.grant_write(X, V3, MIB, 3, [failed], script.now)
+    second = state.grant_write(X, V3, MIB, 3, [failed], script.now, opened_ns=script.wall_ns())
     assert second.base == V1 and set(second.chain) == set(unsure)
     assert [target for target, _ in second.topups] == [D]
 
 
-def test_a_chunk_being_written_is_neither_copied_nor_cleaned_until_it_settles() -> None:
+def test_a_chunk_being_written_is_neither_copied_nor_cleaned_until_committed() -> None:
     script = Script([A, B, C, D])
     for ds in (A, B, C):
         script.store(ds, X, V1)
         script.full_report(ds)
     script.leave_safe_mode({X: (V1, MIB, 3)})
-    plan = script.state.grant_write(X, V2, MIB, 3, [C], script.now)
+    opened_ns = script.wall_ns()
+    plan = script.state.grant_write(X, V2, MIB, 3, [C], script.now, opened_ns=opened_ns)
     for ds in plan.chain:
         script.store(ds, X, V2)
         script.heartbeat(ds, added=[script.stored[ds][X]])
-    script.plan()
-    assert all(script.heartbeat(ds) == () for ds in (A, B, C, D))
-    script.advance(SETTLE_S)
+    # However long the writer keeps the version open (short of the token's life), and
+    # across scans that show it open, nothing is copied, trimmed or cleaned.
+    for _ in range(3):
+        script.advance(OPEN_MAX_S / 4)
+        script.scan({X: (V2, MIB, 3)}, {X: opened_ns})
+        script.plan()
+        assert all(script.heartbeat(ds) == () for ds in (A, B, C, D))
+    assert script.state.counters(script.now).writes_in_flux == 1
+    script.scan({X: (V2, 2 * MIB, 3)})  # the writer committed
     script.round([A, B, C, D])
     script.round([A, B, C, D])
     holders = script.holders(X)
     assert sorted(holders.values()) == [V2, V2, V2]
+    assert script.state.counters(script.now).writes_in_flux == 0
 
 
 def test_waiting_copies_do_not_pile_up_in_the_queue_across_scans() -> None:

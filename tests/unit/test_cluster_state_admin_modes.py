@@ -73,7 +73,7 @@ def test_a_server_in_maintenance_in_the_table_is_known_before_it_registers() -> 
     assert status.address == address(A) and status.state is ServerState.MAINTENANCE
     assert state.counters(script.now).dataservers_maintenance == 1
     assert A not in state.locate(X, V1)[1]
-    assert A not in state.grant_write(Y, V1, 0, 3, [], script.now).chain
+    assert A not in state.grant_write(Y, V1, 0, 3, [], script.now, opened_ns=script.wall_ns()).chain
     assert state.held_for_maintenance(X)
     tally = HealthTally()
     tally.add(state, X, state.refs[X])
