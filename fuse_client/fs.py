@@ -127,6 +127,10 @@ listed ahead again for this long."""
 STATAHEAD_QUEUE_MAX = 16
 """Directories waiting to be listed ahead; more requests are dropped (only an
 optimisation is lost)."""
+STATAHEAD_WAIT_S = 0.5
+"""How long a lookup the cache cannot answer waits for the listing of its directory
+under way to bring the name (a page of 1024 entries takes tens of milliseconds) before
+asking the namespace itself."""
 
 
 @dataclass
@@ -368,6 +372,17 @@ class EntryCache:
             self._attrs.popitem(last=False)
 
 
+class _Listing:
+    """A directory being listed ahead; lookups that miss wait for its next page."""
+
+    def __init__(self) -> None:
+        self.page = trio.Event()
+
+    def landed(self) -> None:
+        self.page.set()
+        self.page = trio.Event()
+
+
 @dataclass
 class _DirHandle:
     inode: InodeId
@@ -429,6 +444,7 @@ class PaxfsOperations(pyfuse3.Operations):
         self._list_ahead_send, self._list_ahead_receive = trio.open_memory_channel[
             tuple[InodeId, Credentials]
         ](STATAHEAD_QUEUE_MAX)
+        self._listings: dict[InodeId, _Listing] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -517,9 +533,16 @@ class PaxfsOperations(pyfuse3.Operations):
         if cached is not None:
             attr, entry_left_s, attr_left_s = cached
             return self._remember(attr, entry_left_s, attr_left_s)
+        dots = name in (b".", b"..")
+        listing = self._listings.get(parent)
+        if listing is not None and not dots:
+            cached = await self._await_listing(parent, name, listing)
+            if cached is not None:
+                attr, entry_left_s, attr_left_s = cached
+                return self._remember(attr, entry_left_s, attr_left_s)
+            asked_at_s = time.monotonic()
         credentials = self._credentials(ctx)
         stamp = self.entries.stamp()
-        dots = name in (b".", b"..")
         try:
             reply = await self.client.meta.query(Lookup(parent, name), credentials)
         except RpcError as error:
@@ -532,12 +555,30 @@ class PaxfsOperations(pyfuse3.Operations):
                 self._request_listing(parent, credentials, asked_at_s)
         return self._remember(reply.attr)
 
+    async def _await_listing(
+        self, parent: InodeId, name: bytes, listing: _Listing
+    ) -> tuple[Attr, float, float] | None:
+        """Wait (at most ``STATAHEAD_WAIT_S``) for the listing of ``parent`` under way
+        to bring ``name`` into the cache; what the cache then says.  A listing that made
+        a lookup wait that long is not waited for again (it may be stuck in the queue)."""
+        deadline = trio.current_time() + STATAHEAD_WAIT_S
+        while True:
+            with trio.move_on_at(deadline):
+                await listing.page.wait()
+            cached = self.entries.entry(parent, name, time.monotonic())
+            if cached is not None or self._listings.get(parent) is not listing:
+                return cached
+            if trio.current_time() >= deadline:
+                del self._listings[parent]
+                return None
+
     def _request_listing(self, parent: InodeId, credentials: Credentials, now_s: float) -> None:
         try:
             self._list_ahead_send.send_nowait((parent, credentials))
         except trio.WouldBlock:
             return
         self.entries.listing_started(parent, now_s)
+        self._listings[parent] = _Listing()
 
     async def list_ahead_forever(self) -> None:
         """Run for the mount's lifetime: list the directories :meth:`lookup` asks for
@@ -552,6 +593,9 @@ class PaxfsOperations(pyfuse3.Operations):
                 log.exception("listing directory %d ahead failed unexpectedly", parent)
             finally:
                 self.entries.listing_ended(parent, time.monotonic(), complete=complete)
+                listing = self._listings.pop(parent, None)
+                if listing is not None:
+                    listing.page.set()
 
     async def _list_ahead(self, parent: InodeId, credentials: Credentials) -> bool:
         """Cache ``parent``'s entries, page by page; False when it has more than
@@ -565,6 +609,9 @@ class PaxfsOperations(pyfuse3.Operations):
                 ReadDir(parent, cookie, READDIR_PAGE_MAX), credentials
             )
             self.entries.add_listing(parent, reply.entries, stamp, asked_at_s)
+            listing = self._listings.get(parent)
+            if listing is not None:
+                listing.landed()
             listed += len(reply.entries)
             if reply.eof or not reply.entries:
                 return True

@@ -1,12 +1,13 @@
 """File-system benchmark: the same workloads on a paxfs mount and on a local directory.
 
-``python -m tools.bench_fs --target MOUNT_DIR [--baseline LOCAL_DIR]`` runs, in one
-process and in this order on each directory: a sequential write of ``--size-mib`` (1 MiB
-blocks, fsync at the end), a sequential read of it, 4 KiB random reads for
-``--random-seconds``, and metadata loops (create+close ``--files`` empty files, stat
-them, list them, unlink them; mkdir ``--dirs``; write then read ``--small-files`` files
-of 16 KiB).  It prints one table with both results and their ratio, and the targets of
-issue 7 for a mount with replication 3.
+``python -m tools.bench_fs MOUNT_DIR [LOCAL_DIR]`` (or ``--target MOUNT_DIR
+[--baseline LOCAL_DIR]``) runs, in one process and in this order on each directory: a
+sequential write of ``--size-mib`` (1 MiB blocks, fsync at the end), a sequential read of
+it, 4 KiB random reads for ``--random-seconds``, and metadata loops (create+close
+``--files`` empty files, stat them, list them, unlink them; mkdir ``--dirs``; write then
+read ``--small-files`` files of 16 KiB).  ``--metadata-only`` skips the data workloads.
+It prints one table with both results and their ratio, and the targets of issue 7 for a
+mount with replication 3.
 
 The I/O loops are plain Python (``os.pwrite``/``os.pread`` on one descriptor), the
 equivalent of ``fio --rw=write|read|randread --bs=1M|4k --ioengine=psync
@@ -172,11 +173,12 @@ def run_all(root: Path, args: argparse.Namespace, log: Callable[[str], None]) ->
     work = Path(tempfile.mkdtemp(prefix="bench-fs-", dir=root))
     try:
         results = []
-        for step in (
+        data_steps = (
             lambda: sequential_write(work, args.size_mib),
             lambda: sequential_read(work, args.size_mib),
             lambda: random_reads(work, args.size_mib, args.random_seconds, args.seed),
-        ):
+        )
+        for step in () if args.metadata_only else data_steps:
             results.append(step())
             log(f"  {results[-1].name}: {results[-1].value:,.1f} {results[-1].unit}")
         for measure in metadata(work, args.files, args.dirs, args.small_files):
@@ -225,9 +227,14 @@ def print_table(target: list[Measure], baseline: list[Measure], args: argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_fs", description=__doc__)
-    parser.add_argument("--target", required=True, help="a directory in the paxfs mount")
+    parser.add_argument("target_dir", nargs="?", metavar="MOUNT_DIR", help="= --target")
+    parser.add_argument("baseline_dir", nargs="?", metavar="LOCAL_DIR", help="= --baseline")
+    parser.add_argument("--target", default="", help="a directory in the paxfs mount")
     parser.add_argument(
         "--baseline", default="", help="a local directory (default: a temporary one in /var/tmp)"
+    )
+    parser.add_argument(
+        "--metadata-only", action="store_true", help="skip the sequential and random I/O"
     )
     parser.add_argument("--size-mib", type=int, default=1024, help="sequential file size")
     parser.add_argument("--random-seconds", type=float, default=30.0)
@@ -236,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-files", type=int, default=2000, help="16 KiB files")
     parser.add_argument("--seed", type=int, default=7, help="random-read offsets")
     args = parser.parse_args(argv)
+    args.target = args.target or args.target_dir
+    args.baseline = args.baseline or args.baseline_dir or ""
+    if not args.target:
+        parser.error("the paxfs directory (MOUNT_DIR or --target) is required")
     baseline_root = Path(
         args.baseline or tempfile.mkdtemp(prefix="bench-fs-local-", dir="/var/tmp")
     )

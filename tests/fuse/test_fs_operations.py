@@ -11,7 +11,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,14 +24,19 @@ import trio
 
 from fuse_client.chunk_io import DataserverPool
 from fuse_client.file_client import FileClient, FileClientSettings
-from fuse_client.fs import STATAHEAD_FOUND_MISSES, GroupsCache, PaxfsOperations
+from fuse_client.fs import (
+    STATAHEAD_FOUND_MISSES,
+    STATAHEAD_WAIT_S,
+    GroupsCache,
+    PaxfsOperations,
+)
 from metaserver.namespace import NamespaceConfig
 from tests.fuse.standin_leader import serve_standin
 from tests.proc.dataserver_harness import KEY, Cluster
 from wire.address import Address
 from wire.config import MountSettings
 from wire.errors import RpcError
-from wire.ids import ROOT_INODE, InodeId
+from wire.ids import ROOT_INODE
 from wire.namespace_ops import ROOT_CREDENTIALS, Credentials
 
 CHUNK = 256 * 1024
@@ -53,7 +57,7 @@ ROOT_CTX = Ctx(pid=os.getpid())
 
 @asynccontextmanager
 async def operations(
-    tmp_path: Path | None = None, dataservers: int = 0
+    tmp_path: Path | None = None, dataservers: int = 0, list_ahead: bool = True
 ) -> AsyncIterator[PaxfsOperations]:
     async with trio.open_nursery() as nursery:
         leader = await nursery.start(
@@ -80,7 +84,8 @@ async def operations(
             try:
                 client = FileClient(meta, pool, CHUNK, FileClientSettings())
                 ops = PaxfsOperations(client, MountSettings(attr_timeout_s=0.5))
-                nursery.start_soon(ops.list_ahead_forever)
+                if list_ahead:
+                    nursery.start_soon(ops.list_ahead_forever)
                 yield ops
             finally:
                 if cluster is not None:
@@ -243,11 +248,8 @@ async def test_a_stat_scan_is_served_by_one_listing_and_changes_here_show_at_onc
             return await query(op, credentials)
 
         monkeypatch.setattr(ops.client.meta, "query", counting)
-        for name in names[:STATAHEAD_FOUND_MISSES]:
-            await ops.lookup(directory, name, ROOT_CTX)
-        with trio.fail_after(10):  # the listing ahead runs in the background
-            while ops.entries.entry(InodeId(directory), names[-1], time.monotonic()) is None:
-                await trio.sleep(0.01)
+        # After a few names, the directory is listed in the background and the lookups
+        # that follow wait for its pages instead of asking the namespace.
         for name in names:
             entry = await ops.lookup(directory, name, ROOT_CTX)
             assert entry.st_ino == inodes[name]
@@ -270,6 +272,20 @@ async def test_a_stat_scan_is_served_by_one_listing_and_changes_here_show_at_onc
         assert link.st_nlink == 2
         assert (await ops.lookup(directory, names[3], ROOT_CTX)).st_nlink == 2
         assert (await ops.getattr(directory, ROOT_CTX)).st_size == len(names) - 1
+
+
+async def test_a_lookup_waits_for_a_stuck_listing_only_once() -> None:
+    async with operations(list_ahead=False) as ops:  # nobody serves the listings
+        directory = (await ops.mkdir(ROOT_INODE, b"d", 0o755, ROOT_CTX)).st_ino
+        names = [b"f%d" % number for number in range(3 * STATAHEAD_FOUND_MISSES)]
+        for name in names:
+            info, _ = await ops.create(directory, name, 0o644, os.O_WRONLY, ROOT_CTX)
+            await ops.release(info.fh)
+        ops.entries.clear()
+        started = trio.current_time()
+        for name in names:
+            assert (await ops.lookup(directory, name, ROOT_CTX)).st_ino
+        assert trio.current_time() - started < STATAHEAD_WAIT_S + 1.0
 
 
 def test_groups_cache_is_bounded() -> None:
