@@ -76,6 +76,10 @@ HANDSHAKE_LIMITS = FrameLimits(
 )
 
 
+_CONTAINER_MARKERS = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+"""First bytes of msgpack maps and arrays: fixmap, fixarray, array 16/32, map 16/32."""
+
+
 def pack_header(header: Any) -> bytes:
     """Encode a header value (bytes stay bytes, str stays str)."""
     return msgpack.packb(header, use_bin_type=True)
@@ -115,9 +119,12 @@ def decode_header(data: bytes | memoryview, limits: FrameLimits) -> Any:
         raise ProtocolError(f"malformed frame header: {error}") from None
     except Exception as error:  # msgpack raises assorted types on hostile input
         raise ProtocolError(f"malformed frame header: {type(error).__name__}") from None
-    if len(data) > limits.nesting_depth_max:
-        # Each level of nesting costs at least one byte, so shorter headers
-        # cannot be too deep and skip the walk.
+    if len(data) > limits.nesting_depth_max and (
+        len(data) - len(bytes(data).translate(None, _CONTAINER_MARKERS)) > limits.nesting_depth_max
+    ):
+        # Each level of nesting starts with a container header, one byte from
+        # _CONTAINER_MARKERS: a header with no more such bytes than the limit (most,
+        # counted in C) cannot be too deep and skips the walk.
         check_depth(header, limits.nesting_depth_max)
     return header
 

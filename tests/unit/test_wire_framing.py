@@ -152,6 +152,47 @@ def test_valid_frames_truncated_anywhere_raise_protocol_error(header: object, cu
     assert frames == [] and truncated == b""
 
 
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(item) for item in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(item) for item in value.values()), default=0)
+    return 0
+
+
+def _wrapped(value: object, levels: int) -> object:
+    for level in range(levels):
+        value = [value] if level % 2 else {"k": value, "n": 1}
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.builds(
+        _wrapped,
+        st.recursive(
+            st.integers(0, 300) | st.binary(max_size=8).map(lambda b: b + bytes([0x91, 0xDC])),
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(st.text(max_size=3), children, max_size=2)
+            ),
+            max_leaves=20,
+        ),
+        st.integers(0, 12),
+    )
+)
+def test_a_header_is_refused_exactly_when_nested_deeper_than_the_limit(header: object) -> None:
+    """Whether the walk runs or is skipped (few container bytes), the verdict is the
+    depth's; bytes that look like container headers inside strings change nothing."""
+    deep = _depth(header) > LIMITS.nesting_depth_max
+    try:
+        frames = _read_all(_frame(header))
+    except ProtocolError as error:
+        assert deep, error
+        return
+    assert not deep and frames == [(header, None)]
+
+
 def test_a_direct_send_in_progress_when_the_flusher_starts_is_not_interleaved() -> None:
     """A frame written before the flusher runs must finish before the flusher writes."""
 

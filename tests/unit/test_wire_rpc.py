@@ -355,3 +355,20 @@ async def test_a_task_can_wait_for_a_deferred() -> None:
 async def _settle_soon(deferred: object) -> None:
     await trio.sleep(0.01)
     deferred.resolve(21)  # type: ignore[attr-defined]
+
+
+async def test_a_short_deadline_behind_a_long_one_ends_on_time() -> None:
+    from wire.rpc import DEADLINE_GRANULARITY_S
+
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: conn.call(SLEEP, Value(10_000), timeout_s=10.0))
+            await trio.sleep(0.05)
+            started = trio.current_time()
+            with pytest.raises(RpcError) as caught:
+                await conn.call(SLEEP, Value(10_000), timeout_s=0.1)
+            elapsed = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+        assert caught.value.code == errno.ETIMEDOUT
+        assert 0.1 <= elapsed < 0.1 + DEADLINE_GRANULARITY_S + 0.2
+        assert await conn.call(ECHO, Value(1), timeout_s=0.5) == Value(2)
