@@ -56,6 +56,7 @@ from wire.address import Address, parse_address
 from wire.cluster_ops import ReplicaReport, Space
 from wire.config import Config, ConfigError, load_config
 from wire.dataserver_ops import (
+    BULK_LANES,
     CHECKSUM_MISMATCH,
     CHUNK_INFO,
     DELETE,
@@ -170,7 +171,7 @@ class Dataserver:
         ``listen`` asked for port 0)."""
         async with trio.open_nursery() as nursery:
             self._peers = PeerConnections(
-                self.key, nursery, name=f"dataserver-{self.dataserver_id:016x}"
+                self.key, nursery, name=f"dataserver-{self.dataserver_id:016x}", lanes=BULK_LANES
             )
             listeners = await nursery.start(partial(serve, self.handlers(), self.key, listen))
             self.address = str(Address(_advertised_host(listen.host), bound_port(listeners)))

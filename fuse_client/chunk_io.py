@@ -37,6 +37,7 @@ import trio
 
 from wire import schema
 from wire.dataserver_ops import (
+    BULK_LANES,
     CHECKSUM_MISMATCH,
     READ,
     READ_BYTES_MAX,
@@ -191,7 +192,7 @@ class DataserverPool:
     def __init__(self, key: bytes, nursery: trio.Nursery, *, name: str = "client") -> None:
         self.key = key
         self.nursery = nursery
-        self._peers = PeerConnections(key, nursery, name=name)
+        self._peers = PeerConnections(key, nursery, name=name, lanes=BULK_LANES)
         self._stats: dict[str, _PeerStats] = {}
         self._rotation = itertools.count()
 

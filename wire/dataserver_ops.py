@@ -324,15 +324,27 @@ PEER_CONNECTIONS_MAX = 256
 """Connections one :class:`PeerConnections` keeps open; the least recently used idle one
 is closed beyond that."""
 CONNECT_TIMEOUT_S = 5.0
+BULK_LANES = 2
+"""Connections per dataserver for chunk data (clients, and dataservers forwarding): one
+connection carries one bulk payload at a time, and a second lets the next payload flow
+while the first is being taken in; measured on loopback with 4 MiB replies, 1 lane gave
+0.7-0.9 GiB/s and 2 lanes 1.9-2.3 GiB/s, 4 lanes no more."""
+LANES_MAX = 8
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
+_Lane = tuple[str, int]
 
 
 class PeerConnections:
-    """One multiplexed connection per peer address, opened on first use and reopened when
-    it is found closed.  Used by clients (to dataservers and to metaservers) and by
-    dataservers forwarding in a pipeline.
+    """``lanes`` multiplexed connections per peer address (one by default), each opened
+    on first use and reopened when it is found closed.  Used by clients (to dataservers
+    and to metaservers) and by dataservers forwarding in a pipeline.
+
+    A call goes to the address's lane with the fewest calls in flight (the lowest on a
+    tie), so light traffic stays on one connection and bulk traffic spreads.  Calls on
+    different lanes may overtake each other; a caller that needs an order waits for the
+    earlier call, as the chunk writer does for overlapping pieces.
 
     Connections run in ``nursery``; :meth:`aclose` closes them all.  A call that fails to
     connect, or whose connection dies, raises :class:`RpcError` (ECONNREFUSED, ETIMEDOUT,
@@ -347,23 +359,29 @@ class PeerConnections:
         *,
         name: str,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        lanes: int = 1,
     ) -> None:
+        if not 1 <= lanes <= LANES_MAX:
+            raise ValueError(f"lanes must be 1..{LANES_MAX}, got {lanes}")
         self._key = key
         self._nursery = nursery
         self._name = name
         self._connect_timeout_s = connect_timeout_s
-        self._connections: OrderedDict[str, RpcConnection] = OrderedDict()
-        self._connecting: dict[str, trio.Lock] = {}
+        self._lanes = lanes
+        self._connections: OrderedDict[_Lane, RpcConnection] = OrderedDict()
+        self._connecting: dict[_Lane, trio.Lock] = {}
+        self._in_flight: dict[_Lane, int] = {}
 
-    async def get(self, address: str) -> RpcConnection:
-        """The open connection to ``address``, dialling it if there is none."""
-        connection = self._connections.get(address)
+    async def get(self, address: str, lane: int = 0) -> RpcConnection:
+        """The open connection of ``lane`` to ``address``, dialling it if there is none."""
+        key = (address, lane)
+        connection = self._connections.get(key)
         if connection is not None and not connection.closed:
-            self._connections.move_to_end(address)
+            self._connections.move_to_end(key)
             return connection
-        lock = self._connecting.setdefault(address, trio.Lock())
+        lock = self._connecting.setdefault(key, trio.Lock())
         async with lock:
-            connection = self._connections.get(address)
+            connection = self._connections.get(key)
             if connection is not None and not connection.closed:
                 return connection
             try:
@@ -377,8 +395,8 @@ class PeerConnections:
                 name=self._name,
                 timeout_s=self._connect_timeout_s,
             )
-            self._connections[address] = connection
-            self._connections.move_to_end(address)
+            self._connections[key] = connection
+            self._connections.move_to_end(key)
         await self._close_excess()
         return connection
 
@@ -391,25 +409,36 @@ class PeerConnections:
         payload: bytes | bytearray | memoryview | None = None,
         timeout_s: float | None = None,
     ) -> tuple[Rep, bytes | bytearray | memoryview | None]:
-        """Call ``method`` on the dataserver at ``address``; return (reply, payload)."""
-        connection = await self.get(address)
-        return await connection.call_with_payload(
-            method, request, payload=payload, timeout_s=timeout_s
-        )
+        """Call ``method`` on the peer at ``address``; return (reply, payload)."""
+        lane = min(range(self._lanes), key=lambda n: self._in_flight.get((address, n), 0))
+        key = (address, lane)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        try:
+            connection = await self.get(address, lane)
+            return await connection.call_with_payload(
+                method, request, payload=payload, timeout_s=timeout_s
+            )
+        finally:
+            left = self._in_flight[key] - 1
+            if left:
+                self._in_flight[key] = left
+            else:
+                del self._in_flight[key]
 
     async def _close_excess(self) -> None:
         while len(self._connections) > PEER_CONNECTIONS_MAX:
-            address, oldest = self._connections.popitem(last=False)
-            lock = self._connecting.get(address)
+            key, oldest = self._connections.popitem(last=False)
+            lock = self._connecting.get(key)
             if lock is not None and not lock.locked():
-                del self._connecting[address]
+                del self._connecting[key]
             await oldest.aclose()
 
     async def close(self, address: str) -> None:
-        """Close the pooled connection to ``address`` (the next call dials anew)."""
-        connection = self._connections.pop(address, None)
-        if connection is not None:
-            await connection.aclose()
+        """Close the pooled connections to ``address`` (the next call dials anew)."""
+        for lane in range(self._lanes):
+            connection = self._connections.pop((address, lane), None)
+            if connection is not None:
+                await connection.aclose()
 
     async def aclose(self) -> None:
         connections = list(self._connections.values())

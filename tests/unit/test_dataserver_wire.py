@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 
 import pytest
+import trio
 
 from wire import schema
+from wire.address import Address
 from wire.cluster_ops import (
     FULL_REPORT,
     HEARTBEAT,
@@ -25,13 +28,18 @@ from wire.cluster_ops import (
     Space,
 )
 from wire.dataserver_ops import (
+    BULK_LANES,
+    READ,
     READ_RAW,
     SYNC,
     WRITE,
     MemberAck,
+    PeerConnections,
     PipelineReply,
     RawBlockHeader,
     RawReadReply,
+    ReadReply,
+    ReadRequest,
     SyncRequest,
     WriteRequest,
     failed_members,
@@ -41,7 +49,9 @@ from wire.dataserver_ops import (
 )
 from wire.errors import RpcError
 from wire.ids import ChunkId, ChunkVersion, DataserverId
+from wire.rpc import CallContext, Handlers, RpcConnection, WithPayload
 from wire.tokens import AccessMode, sign_token
+from wire.transport import bound_port, serve
 
 TOKEN = sign_token(b"k" * 32, ChunkId(7), ChunkVersion(3), AccessMode.WRITE, 1_800_000_000.0)
 SPACE = Space(1 << 40, 1 << 30, 1 << 39, 12)
@@ -114,3 +124,48 @@ def test_an_ordinary_error_names_no_member() -> None:
 
 def test_upstream_members_wait_longer_than_the_members_they_call() -> None:
     assert pipeline_timeout_s(2) > pipeline_timeout_s(1) > pipeline_timeout_s(0) > 0
+
+
+async def test_bulk_lanes_carry_concurrent_calls_on_separate_connections() -> None:
+    """Two calls at once to one peer travel on two connections; one at a time stays on
+    the first; closing the address closes every lane."""
+    key = bytes(32)
+    seen: list[RpcConnection] = []
+    both_in = trio.Event()
+
+    async def handle(request: ReadRequest, context: CallContext) -> WithPayload[ReadReply]:
+        seen.append(context.connection)
+        if request.offset and len(seen) >= 2:
+            both_in.set()
+        if request.offset:
+            await both_in.wait()
+        return WithPayload(ReadReply(0, 0), b"x" * 10)
+
+    handlers = Handlers()
+    handlers.register(READ, handle)
+    token = sign_token(key, ChunkId(7), ChunkVersion(3), AccessMode.READ, 1_800_000_000.0)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(serve, handlers, key, Address("127.0.0.1", 0)))
+        address = f"127.0.0.1:{bound_port(listeners)}"
+        peers = PeerConnections(key, nursery, name="test", lanes=BULK_LANES)
+        for _ in range(3):
+            await peers.call(address, READ, ReadRequest(ChunkId(7), ChunkVersion(3), 0, 1, token))
+        assert len(set(map(id, seen))) == 1, "calls one at a time share one connection"
+        seen.clear()
+        async with trio.open_nursery() as calls:
+            for _ in range(2):
+                calls.start_soon(
+                    partial(
+                        peers.call,
+                        address,
+                        READ,
+                        ReadRequest(ChunkId(7), ChunkVersion(3), 1, 1, token),
+                        timeout_s=5,
+                    )
+                )
+        assert len(set(map(id, seen))) == 2, "concurrent calls spread over the lanes"
+        lanes = [await peers.get(address, lane) for lane in range(BULK_LANES)]
+        await peers.close(address)
+        assert all(connection.closed for connection in lanes)
+        await peers.aclose()
+        nursery.cancel_scope.cancel()
