@@ -55,6 +55,8 @@ class _Link:
         self.wakeup = trio.Event()
         self.readdressed = False
         self.batches_sent = 0
+        self.connection: RpcConnection | None = None
+        """The connection while the sender task holds one (for direct sends)."""
 
 
 class PeerLinks:
@@ -84,12 +86,23 @@ class PeerLinks:
             link.wakeup.set()
 
     def send(self, peer: int, messages: list[Any]) -> None:
-        """Queue ``messages`` for ``peer``; never blocks (drops the oldest when full)."""
+        """Send ``messages`` to ``peer``: written at once when the link is connected and
+        idle, else queued; never blocks (a full outbox drops its oldest messages)."""
         link = self._links.get(peer)
         if link is None:
             log.warning(
                 "%d messages for metaserver %d (address unknown) dropped", len(messages), peer
             )
+            return
+        connection = link.connection
+        if (
+            connection is not None
+            and not link.outbox
+            and not link.readdressed
+            and len(messages) <= MESSAGES_PER_BATCH_MAX
+            and connection.notify_nowait(PAXOS_DELIVER, PaxosBatch(self._self_id, tuple(messages)))
+        ):
+            link.batches_sent += 1
             return
         outbox = link.outbox
         outbox.extend(messages)
@@ -140,11 +153,13 @@ class PeerLinks:
                         name=peer_name(self._self_id),
                         timeout_s=CONNECT_TIMEOUT_S,
                     )
+                    link.connection = connection
                 count = min(len(link.outbox), MESSAGES_PER_BATCH_MAX)
                 batch = tuple(link.outbox.popleft() for _ in range(count))
                 await connection.notify(PAXOS_DELIVER, PaxosBatch(self._self_id, batch))
                 link.batches_sent += 1
         finally:
+            link.connection = None
             if connection is not None:
                 await connection.aclose()
 

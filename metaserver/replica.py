@@ -6,13 +6,17 @@ requests) go straight into the core, which only queues outputs; one driver task
 takes each Ready and does what it asks:
 
 1. install a snapshot received from a peer, durably;
-2. queue the records for the log writer (group commit: every proposal that arrived
-   during the previous fsync rides in this one); a record of the commit index alone
-   waits to ride with later records (nothing depends on its durability);
-3. send at once the messages that reveal nothing of those records -- the leader's
-   Accept, Commit and Heartbeat requests at a ballot already durable here -- so that
-   the followers' fsync runs in parallel with the leader's own (Raft thesis 10.2.1);
-   commit news alone waits for the next message to that peer or the next tick;
+2. send at once the messages that reveal nothing of this Ready's records -- the
+   leader's Accept, Commit and Heartbeat requests at a ballot already durable here --
+   so that the followers' fsync runs in parallel with the leader's own (Raft thesis
+   10.2.1); the peer links write them before the next step when idle; commit news
+   alone waits for the next message to that peer or the next tick;
+3. make the records durable: written and synced right here when the log writer is
+   idle (:meth:`~metaserver.storage.MetaStorage.append_now`: ~0.1 ms, cheaper than two
+   thread hand-offs on every commit), otherwise queued for the writer thread (group
+   commit: every proposal that arrived during the previous fsync rides in this one); a
+   record of the commit index alone waits to ride with later records (nothing depends
+   on its durability);
 4. apply the committed commands to the namespace and wake whoever waits for each
    reply (a committed slot is chosen: a quorum holds it durably, so applying it does
    not wait for this replica's own records);
@@ -499,14 +503,24 @@ class Replica:
         elif records and self._commit_record is not None:
             records = (self._commit_record, *records)
             self._commit_record = None
+        durable_now = False
         if records:
-            ticket = await self._storage.submit([encode_record(r) for r in records])
+            payloads = [encode_record(r) for r in records]
+            # Early messages first: the peer links write them at once when idle, so the
+            # followers' fsyncs run while this replica writes its own.
             held = self._send(ready.messages, early_only=True)
+            ticket = self._storage.append_now(payloads)
+            if ticket is None:
+                ticket = await self._storage.submit(payloads)
+            else:
+                durable_now = True
+                self._note_durable(ready)
+                self._send(held, early_only=False)
         else:
             self._send(ready.messages, early_only=False)
         for entry in ready.committed:
             self._commit_entry(entry)
-        if ticket is not None:
+        if ticket is not None and not durable_now:
             await ticket.wait_durable()
             self._note_durable(ready)
             self._send(held, early_only=False)

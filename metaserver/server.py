@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +82,8 @@ IDENTITY_CHECK_TIMEOUT_S = 3.0
 """How long a replica starting on an empty directory waits for its peers' answers."""
 IDENTITY_CHECK_CALL_TIMEOUT_S = 1.0
 IDENTITY_CHECK_RETRY_S = 0.2
+GIL_SWITCH_INTERVAL_S = 0.0002
+"""Longest the log writer thread waits for the GIL held by the event loop."""
 
 
 class StartupRefused(Exception):
@@ -362,6 +365,9 @@ def run(config: Config, extra_services: ExtraServices | None = None) -> None:
     Raises :class:`StartupRefused` or :class:`~wire.config.ConfigError` with one
     clear line when it cannot start.
     """
+    # The log writer thread needs the GIL right after each fsync to report it; with the
+    # default 5 ms switch interval a busy event loop could hold every commit that long.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         trio.run(_run_until_signalled, config, extra_services)
     except BaseExceptionGroup as group:

@@ -313,6 +313,29 @@ class FrameWriter:
         self._work.set()
         return True
 
+    def send_nowait(self, header: Any) -> bool:
+        """Write a frame without payload at once if nothing waits to be written (else
+        queue it behind what does), without yielding; False when :meth:`queue` would
+        refuse.  For a sender that batches by itself and wants no task switch before
+        the bytes leave (a replica about to block on its own fsync)."""
+        if self.broken or not self._flusher_running or self._queued_bytes >= QUEUED_BYTES_MAX:
+            return False
+        frame: Payload = frame_prefix(pack_header(header), 0)
+        if self._socket is not None and not self._queue and not self._lock.locked():
+            try:
+                rest = self._write_now(self._socket, [frame])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
+                self._work.set()  # the flusher ends; the connection closes
+                return False
+            if not rest:
+                return True
+            frame = rest[0]  # the kernel took part of it: the flusher sends the rest
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._work.set()
+        return True
+
     async def run_flusher(self) -> None:
         """Write queued frames until the stream breaks; run it in the connection's nursery."""
         self._flusher_running = True

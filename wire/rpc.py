@@ -401,6 +401,15 @@ class RpcConnection:
         # one batch: a stream of one-way messages is batched by its own back-pressure.
         await self._send([NOTIFY, method.name, schema.encode(message)], None, wait=True)
 
+    def notify_nowait(self, method: schema.Method[Req, Any], message: Req) -> bool:
+        """Send a one-way ``message`` without yielding: written at once when nothing
+        waits to be written, else queued behind it; False (nothing sent) when the
+        connection is closed or its writer's queue is full."""
+        invariant(method.one_way, f"{method.name} expects replies: use call()")
+        if self.closed:
+            return False
+        return self._writer.send_nowait([NOTIFY, method.name, schema.encode(message)])
+
     def _cancel_remote_soon(self, call_id: int) -> None:
         # Best effort: a cancel that cannot be written now is pointless later.
         if self._writer.queue([CANCEL, call_id]):

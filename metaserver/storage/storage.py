@@ -82,6 +82,9 @@ class StorageOptions:
     snapshot_bytes_max: int = SNAPSHOT_BYTES_MAX_DEFAULT
     snapshot_zstd_level: int = SNAPSHOT_ZSTD_LEVEL_DEFAULT
     create_if_empty: bool = True
+    append_on_caller_thread: bool = True
+    """Allow :meth:`MetaStorage.append_now` (off where one event loop runs several
+    replicas whose disks a test stalls: a stalled sync would stall them all)."""
     fsync: Sync = field(default=os.fsync)
     fdatasync: Sync = field(default=os.fdatasync)
     on_fatal: Callable[[FatalStorageError], None] = field(default=exit_process)
@@ -212,6 +215,32 @@ class MetaStorage:
         """
         payloads, payload_bytes = self._validated(records)
         return await self._enqueue_when_room(AppendRequest, payloads, payload_bytes)
+
+    def append_now(self, records: Sequence[bytes]) -> AppendTicket | None:
+        """Append ``records`` and make them durable before returning, on the calling
+        (event loop) thread, if nothing else is queued or being written; None, doing
+        nothing, otherwise (then :meth:`submit` them).
+
+        This blocks the event loop for one write and fdatasync (about 0.1 ms here), in
+        exchange for the two thread wake-ups and GIL hand-offs of the writer thread on
+        the critical path of a commit (measured: CPU per commit about halved, p50 of a
+        lone create 2.9 -> 2.1 ms).  Raises like :meth:`submit_nowait`.
+        """
+        payloads, payload_bytes = self._validated(records)
+        if (
+            self._outstanding
+            or self._blocked_submitters
+            or not self._options.append_on_caller_thread
+        ):
+            return None
+        first = self._next_number
+        if not self._writer.append_now(AppendRequest(first, payloads, payload_bytes)):
+            self._check_usable()
+            return None
+        self._next_number = RecordNumber(first + len(payloads))
+        ticket = AppendTicket(range(first, first + len(payloads)), payload_bytes)
+        ticket._settle(None)
+        return ticket
 
     async def append(self, records: Sequence[bytes]) -> range:
         """Append ``records`` and return their numbers once they are durable."""

@@ -120,8 +120,10 @@ async def replica_group(
         blob = encode_snapshot(meta, founding.snapshot(), GroupState())
         for node_id in voters:
             sync = (syncs or {}).get(node_id) or GatedSync()
+            # Syncs on the event loop would let one stalled disk stall every replica here.
+            options = StorageOptions(fdatasync=sync, append_on_caller_thread=syncs is None)
             storage = await stack.enter_async_context(
-                open_storage(tmp_path / f"r{node_id}", CLUSTER, StorageOptions(fdatasync=sync))
+                open_storage(tmp_path / f"r{node_id}", CLUSTER, options)
             )
             node = PaxosNode(
                 node_id=NodeId(node_id),

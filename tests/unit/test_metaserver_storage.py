@@ -155,6 +155,53 @@ async def test_tickets_become_durable_in_submission_order(tmp_path: Path) -> Non
     assert all(t.numbers == range(i + 1, i + 2) for i, t in enumerate(tickets))
 
 
+async def test_append_now_is_durable_on_return_and_only_when_the_writer_is_idle(
+    tmp_path: Path,
+) -> None:
+    sync = GatedSync()
+    async with open_storage(tmp_path, CLUSTER, StorageOptions(fdatasync=sync)) as storage:
+        ticket = storage.append_now([b"inline 1", b"inline 2"])
+        assert ticket is not None and ticket.durable and ticket.numbers == range(1, 3)
+        assert sync.calls == 1
+        sync.gate.clear()
+        queued = await storage.submit([b"queued"])
+        await sync.wait_entered()  # the writer thread holds a batch
+        assert storage.append_now([b"must wait"]) is None
+        sync.gate.set()
+        await queued.wait_durable()
+        after = storage.append_now([b"inline 3"])
+        assert after is not None and after.numbers == range(4, 5)
+    assert payloads_of(await reopen_records(tmp_path)) == [
+        b"inline 1",
+        b"inline 2",
+        b"queued",
+        b"inline 3",
+    ]
+    off = StorageOptions(append_on_caller_thread=False)
+    async with open_storage(tmp_path, CLUSTER, off) as storage:
+        assert storage.append_now([b"x"]) is None
+
+
+async def test_a_failed_inline_fdatasync_is_fatal_and_never_retried(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def failing_sync(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    fatal = FatalRecorder()
+    options = StorageOptions(fdatasync=failing_sync, on_fatal=fatal)
+    async with open_storage(tmp_path, CLUSTER, options) as storage:
+        with pytest.raises(FatalStorageError, match="Input/output error"):
+            storage.append_now([b"never acknowledged"])
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(FatalStorageError):
+            await storage.append([b"later"])
+        with pytest.raises(FatalStorageError):
+            storage.append_now([b"later"])
+    assert len(calls) == 1 and len(fatal.errors) == 1
+
+
 async def test_empty_submit_waits_for_the_records_before_it(tmp_path: Path) -> None:
     sync = GatedSync(open_gate=False)
     async with open_storage(tmp_path, CLUSTER, StorageOptions(fdatasync=sync)) as storage:
@@ -502,10 +549,17 @@ async def test_random_operations_match_a_model_across_reopens(
             recovered = storage.recovered.snapshot
             assert snapshot == (None if recovered is None else (recovered.index, recovered.data))
             for _ in range(rng.randrange(1, 25)):
-                operation = rng.choices(["append", "compact", "drop", "snapshot"], [8, 1, 1, 1])[0]
-                if operation == "append":
+                operation = rng.choices(
+                    ["append", "append_now", "compact", "drop", "snapshot"], [5, 4, 1, 1, 1]
+                )[0]
+                if operation in ("append", "append_now"):
                     batch = [rng.randbytes(rng.randrange(80)) for _ in range(rng.randrange(4))]
-                    numbers = await storage.append(batch)
+                    ticket = storage.append_now(batch) if operation == "append_now" else None
+                    if ticket is not None:
+                        assert ticket.durable
+                        numbers = ticket.numbers
+                    else:
+                        numbers = await storage.append(batch)
                     model += [
                         LogRecord(RecordNumber(n), p) for n, p in zip(numbers, batch, strict=True)
                     ]
