@@ -115,6 +115,8 @@ recently used directory is forgotten."""
 ENTRY_CACHE_CHANGES_MAX = 4096
 """Local changes remembered to fence the fetches in flight; past it every fetch then in
 flight is fenced as a whole."""
+XATTR_NAMES_MAX = 16
+"""Absent extended attribute names remembered per inode."""
 STATAHEAD_FOUND_MISSES = 4
 """Names of one directory found at the namespace (not in the cache) in a row before the
 directory is listed ahead: the sign of a scan (a stat loop, ``find``, ``rsync``)."""
@@ -179,6 +181,8 @@ class EntryCache:
         self._dirs: OrderedDict[InodeId, _CachedDir] = OrderedDict()
         self._names = 0
         self._attrs: OrderedDict[InodeId, tuple[Attr, float]] = OrderedDict()
+        self._absent_xattrs: OrderedDict[InodeId, dict[bytes | None, float]] = OrderedDict()
+        """inode -> {xattr name (None: every name) -> when it was known absent}."""
         self._seq = 0
         self._floor = 0
         self._changed: dict[InodeId, int] = {}
@@ -224,6 +228,17 @@ class EntryCache:
         left = self._attr_timeout_s - (now_s - attr_at)
         return (attr, left) if left > 0 else None
 
+    def xattr_absent(self, inode: InodeId, name: bytes, now_s: float) -> bool:
+        """True while the inode is known, younger than the attribute timeout, to have
+        no extended attribute ``name`` (the kernel asks for ``security.capability``
+        before the first write to every file)."""
+        absent = self._absent_xattrs.get(inode)
+        if absent is None:
+            return False
+        return any(
+            now_s - absent[key] < self._attr_timeout_s for key in (None, name) if key in absent
+        )
+
     # ------------------------------------------------------------ what the namespace said
 
     def stamp(self) -> int:
@@ -258,6 +273,24 @@ class EntryCache:
         if self._accepts(attr.ino, stamp):
             self._put_attr(attr, now_s)
 
+    def add_xattr_absent(
+        self, inode: InodeId, name: bytes | None, stamp: int, now_s: float
+    ) -> None:
+        """The namespace said the inode has no extended attribute ``name`` (None: none
+        at all)."""
+        if not self._accepts(inode, stamp):
+            return
+        absent = self._absent_xattrs.get(inode)
+        if absent is None:
+            absent = self._absent_xattrs[inode] = {}
+        absent[name] = now_s
+        self._absent_xattrs.move_to_end(inode)
+        while len(self._absent_xattrs) > self._names_max or len(absent) > XATTR_NAMES_MAX:
+            if len(absent) > XATTR_NAMES_MAX:
+                absent.clear()
+            else:
+                self._absent_xattrs.popitem(last=False)
+
     # ------------------------------------------------------------ changes made here
 
     def changed(self, *inodes: InodeId) -> None:
@@ -266,16 +299,22 @@ class EntryCache:
         for inode in inodes:
             self._changed[inode] = self._seq
             self._attrs.pop(inode, None)
+            self._absent_xattrs.pop(inode, None)
         if len(self._changed) > self._changes_max:
             self._floor = self._seq + 1
             self._seq += 1
             self._changed.clear()
 
-    def added(self, parent: InodeId, name: bytes, attr: Attr, now_s: float) -> None:
-        """``name`` was made here in ``parent`` (create, mkdir, link, ...) as ``attr``."""
+    def added(
+        self, parent: InodeId, name: bytes, attr: Attr, now_s: float, *, new_inode: bool
+    ) -> None:
+        """``name`` was made here in ``parent`` (create, mkdir, link, ...) as ``attr``;
+        a ``new_inode`` has no extended attributes yet."""
         self.changed(parent, attr.ino)
         self._put_name(parent, name, attr.ino, now_s)
         self._put_attr(attr, now_s)
+        if new_inode:
+            self.add_xattr_absent(attr.ino, None, self._seq, now_s)
 
     def removed(self, parent: InodeId, *names: bytes) -> None:
         """These names of ``parent`` were removed or renamed away here."""
@@ -293,6 +332,7 @@ class EntryCache:
         """Forget everything and fence every fetch in flight."""
         self._dirs.clear()
         self._attrs.clear()
+        self._absent_xattrs.clear()
         self._names = 0
         self._changed.clear()
         self._seq += 1
@@ -503,10 +543,10 @@ class PaxfsOperations(pyfuse3.Operations):
             raise
 
     def _made(
-        self, parent: int, name: bytes, attr: Attr, asked_at_s: float
+        self, parent: int, name: bytes, attr: Attr, asked_at_s: float, *, new_inode: bool = True
     ) -> pyfuse3.EntryAttributes:
         """``name`` was made in ``parent`` as ``attr``: cache it, count the reference."""
-        self.entries.added(InodeId(parent), name, attr, asked_at_s)
+        self.entries.added(InodeId(parent), name, attr, asked_at_s, new_inode=new_inode)
         return self._remember(attr)
 
     def _new_fh(self) -> int:
@@ -794,7 +834,7 @@ class PaxfsOperations(pyfuse3.Operations):
             reply = await self.client.meta.mutate(
                 Link(InodeId(inode), InodeId(new_parent_inode), new_name), self._credentials(ctx)
             )
-        return self._made(new_parent_inode, new_name, reply.attr, asked_at_s)
+        return self._made(new_parent_inode, new_name, reply.attr, asked_at_s, new_inode=False)
 
     # ------------------------------------------------------------ files
 
@@ -849,7 +889,11 @@ class PaxfsOperations(pyfuse3.Operations):
             raise
         fh = self._new_fh()
         self._files[fh] = handle
-        return self._file_info(fh, attr), self._made(parent_inode, name, attr, asked_at_s)
+        # Without O_EXCL the name may have been made meanwhile by another client: its
+        # inode is new only if nothing changed it since its birth (times all equal).
+        new_inode = bool(flags & os.O_EXCL) or attr.atime_ns == attr.mtime_ns == attr.ctime_ns
+        entry = self._made(parent_inode, name, attr, asked_at_s, new_inode=new_inode)
+        return self._file_info(fh, attr), entry
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -1018,15 +1062,30 @@ class PaxfsOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        """ENODATA when absent."""
+        """ENODATA when absent (answered here while :class:`EntryCache` knows it is)."""
         _refuse_acl(name)
-        reply = await self.client.meta.query(GetXattr(InodeId(inode), name), self._credentials(ctx))
+        asked_at_s = time.monotonic()
+        if self.entries.xattr_absent(InodeId(inode), name, asked_at_s):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        stamp = self.entries.stamp()
+        try:
+            reply = await self.client.meta.query(
+                GetXattr(InodeId(inode), name), self._credentials(ctx)
+            )
+        except RpcError as error:
+            if error.code == errno.ENODATA:
+                self.entries.add_xattr_absent(InodeId(inode), name, stamp, asked_at_s)
+            raise
         value: bytes = reply.value
         return value
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        stamp = self.entries.stamp()
+        asked_at_s = time.monotonic()
         reply = await self.client.meta.query(ListXattr(InodeId(inode)), self._credentials(ctx))
+        if not reply.names:
+            self.entries.add_xattr_absent(InodeId(inode), None, stamp, asked_at_s)
         return list(reply.names)
 
     @_handler

@@ -111,9 +111,25 @@ def test_a_name_made_here_is_answered_and_its_directory_attributes_dropped() -> 
     cache = EntryCache(1.0, 1.0)
     directory = replace(attr(int(DIR)), mode=stat.S_IFDIR | 0o755)
     cache.add_attr(directory, cache.stamp(), 0.0)
-    cache.added(DIR, b"new", attr(30), 0.5)
+    cache.added(DIR, b"new", attr(30), 0.5, new_inode=True)
     assert cache.attr(DIR, 0.5) is None, "its mtime changed"
     assert cache.entry(DIR, b"new", 0.5) == (attr(30), 1.0, 1.0)
+    assert cache.xattr_absent(InodeId(30), b"security.capability", 1.4)
+    assert not cache.xattr_absent(InodeId(30), b"security.capability", 1.5), "expired"
+    cache.added(DIR, b"hardlink", attr(31), 2.0, new_inode=False)
+    assert not cache.xattr_absent(InodeId(31), b"user.x", 2.0)
+
+
+def test_absent_xattrs_are_remembered_until_a_change_here() -> None:
+    cache = EntryCache(1.0, 1.0)
+    stamp = cache.stamp()
+    cache.add_xattr_absent(InodeId(20), b"user.a", stamp, 0.0)
+    assert cache.xattr_absent(InodeId(20), b"user.a", 0.5)
+    assert not cache.xattr_absent(InodeId(20), b"user.b", 0.5)
+    cache.changed(InodeId(20))  # a setxattr through this mount
+    assert not cache.xattr_absent(InodeId(20), b"user.a", 0.5)
+    cache.add_xattr_absent(InodeId(20), None, stamp, 0.0)  # fenced: asked before
+    assert not cache.xattr_absent(InodeId(20), b"user.b", 0.5)
 
 
 def test_a_scan_of_different_names_asks_for_one_listing_per_entry_timeout() -> None:

@@ -240,14 +240,7 @@ async def test_a_stat_scan_is_served_by_one_listing_and_changes_here_show_at_onc
             await ops.release(info.fh)
             inodes[name] = entry.st_ino
         ops.entries.clear()  # as if every entry had expired
-        calls: Counter[str] = Counter()
-        query = ops.client.meta.query
-
-        async def counting(op: Any, credentials: Credentials = ROOT_CREDENTIALS) -> Any:
-            calls[type(op).__name__] += 1
-            return await query(op, credentials)
-
-        monkeypatch.setattr(ops.client.meta, "query", counting)
+        calls = count_queries(ops, monkeypatch)
         # After a few names, the directory is listed in the background and the lookups
         # that follow wait for its pages instead of asking the namespace.
         for name in names:
@@ -272,6 +265,34 @@ async def test_a_stat_scan_is_served_by_one_listing_and_changes_here_show_at_onc
         assert link.st_nlink == 2
         assert (await ops.lookup(directory, names[3], ROOT_CTX)).st_nlink == 2
         assert (await ops.getattr(directory, ROOT_CTX)).st_size == len(names) - 1
+
+
+async def test_a_new_file_has_no_xattrs_without_asking(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with operations() as ops:
+        info, entry = await ops.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, ROOT_CTX)
+        await ops.release(info.fh)
+        calls = count_queries(ops, monkeypatch)
+        capability = b"security.capability"  # what the kernel asks before a first write
+        assert await fuse_errno(ops.getxattr(entry.st_ino, capability, ROOT_CTX)) == errno.ENODATA
+        assert calls == {}
+        await ops.setxattr(entry.st_ino, b"user.k", b"v", ROOT_CTX)
+        assert await ops.getxattr(entry.st_ino, b"user.k", ROOT_CTX) == b"v"
+        assert await fuse_errno(ops.getxattr(entry.st_ino, capability, ROOT_CTX)) == errno.ENODATA
+        assert await fuse_errno(ops.getxattr(entry.st_ino, capability, ROOT_CTX)) == errno.ENODATA
+        assert calls == {"GetXattr": 2}, "an absence the namespace reported is remembered"
+
+
+def count_queries(ops: PaxfsOperations, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Count the namespace reads ``ops`` makes from now on, by operation."""
+    calls: Counter[str] = Counter()
+    query = ops.client.meta.query
+
+    async def counting(op: Any, credentials: Credentials = ROOT_CREDENTIALS) -> Any:
+        calls[type(op).__name__] += 1
+        return await query(op, credentials)
+
+    monkeypatch.setattr(ops.client.meta, "query", counting)
+    return calls
 
 
 async def test_a_lookup_waits_for_a_stuck_listing_only_once() -> None:
