@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,6 +181,32 @@ async def test_append_now_is_durable_on_return_and_only_when_the_writer_is_idle(
     off = StorageOptions(append_on_caller_thread=False)
     async with open_storage(tmp_path, CLUSTER, off) as storage:
         assert storage.append_now([b"x"]) is None
+
+
+async def test_a_slow_inline_sync_sends_the_next_appends_to_the_thread_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metaserver.storage import storage as storage_module
+
+    monkeypatch.setattr(storage_module, "APPEND_NOW_PAUSE_S", 0.2)
+    delay_s = [storage_module.APPEND_NOW_SLOW_S * 3]
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(delay_s[0])  # a loaded disk (runs on the event loop on purpose)
+        os.fdatasync(fd)
+
+    async with open_storage(tmp_path, CLUSTER, StorageOptions(fdatasync=slow_sync)) as storage:
+        assert storage.append_now([b"slow"]) is not None
+        delay_s[0] = 0.0
+        assert storage.append_now([b"declined"]) is None
+        await storage.append([b"by the thread"])
+        await trio.sleep(0.25)
+        assert storage.append_now([b"inline again"]) is not None
+    assert payloads_of(await reopen_records(tmp_path)) == [
+        b"slow",
+        b"by the thread",
+        b"inline again",
+    ]
 
 
 async def test_a_failed_inline_fdatasync_is_fatal_and_never_retried(tmp_path: Path) -> None:
