@@ -674,9 +674,9 @@ class Replica:
                     waiter.fail(self.not_leader())
         elif isinstance(notice, ReadsFailed):
             for read_id in notice.read_ids:
-                waiter = self._reads.pop(read_id, None)
-                if waiter is not None:
-                    waiter.fail(self.not_leader())
+                failed = self._reads.pop(read_id, None)
+                if failed is not None:
+                    failed.fail(self.not_leader())
         elif isinstance(notice, SteppedDown):
             log.info("stepped down from ballot %s: %s", notice.ballot, notice.reason.name)
         elif isinstance(notice, MembershipCommitted):

@@ -104,7 +104,8 @@ def check_depth(value: Any, depth_max: int) -> None:
             raise ProtocolError(f"header nested deeper than {depth_max}")
         nested = []
         for item in level:
-            for child in item if type(item) is list else item.values():
+            children = item.values() if type(item) is dict else item
+            for child in children:
                 if type(child) is list or type(child) is dict:
                     nested.append(child)
         level = nested
@@ -177,7 +178,7 @@ class FrameReader:
             self._buffer += data
         return True
 
-    async def _receive_some(self, size: int) -> bytes:
+    async def _receive_some(self, size: int) -> bytes | bytearray:
         sock = self._socket
         if sock is None:
             return await self._stream.receive_some(size)

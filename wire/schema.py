@@ -437,8 +437,8 @@ def _compile_dataclass_decoder(
         f"    {build}\n"
     )
     exec(source, scope)
-    decoder: Decoder = scope["decode"]
-    return decoder
+    compiled: Decoder = scope["decode"]
+    return compiled
 
 
 def _tagged_decoder(allowed: tuple[type, ...]) -> Decoder:
