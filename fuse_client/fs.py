@@ -204,9 +204,11 @@ class EntryCache:
         if directory is None:
             return None
         known = directory.names.get(name)
-        if known is None or known[0] is None:
+        if known is None:
             return None
         inode, entry_at = known
+        if inode is None:
+            return None
         entry_left = self._entry_timeout_s - (now_s - entry_at)
         cached = self._attrs.get(inode)
         if entry_left <= 0 or cached is None:

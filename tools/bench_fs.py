@@ -173,7 +173,7 @@ def run_all(root: Path, args: argparse.Namespace, log: Callable[[str], None]) ->
     work = Path(tempfile.mkdtemp(prefix="bench-fs-", dir=root))
     try:
         results = []
-        data_steps = (
+        data_steps: tuple[Callable[[], Measure], ...] = (
             lambda: sequential_write(work, args.size_mib),
             lambda: sequential_read(work, args.size_mib),
             lambda: random_reads(work, args.size_mib, args.random_seconds, args.seed),
