@@ -30,7 +30,7 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -44,6 +44,7 @@ from metaserver.codec import (
     PAXOS_DELIVER,
     GroupState,
     HeardFromRecord,
+    PaxosBatch,
     cluster_id_from_key,
     decode_record,
     decode_snapshot,
@@ -156,6 +157,7 @@ async def serve_metaserver(
     handlers = Handlers()
     holder: list[Replica] = []
     handlers.register(IDENTITY_CHECK, _identity_check_handler(holder))
+    handlers.register(PAXOS_DELIVER, _deliver_once_running(holder))
     try:
         # Only a founder or a replica told to join may start on an empty directory, and
         # then only after the identity check below.
@@ -183,7 +185,6 @@ async def serve_metaserver(
                     founding_blob = await _found(storage, config, founders)
             replica, peers = _build_replica(storage, config, founders, key, founding_blob)
             holder.append(replica)
-            handlers.register(PAXOS_DELIVER, deliver_handler(replica.may_send, replica.deliver))
             register_namespace_handlers(handlers, replica)
             register_admin_handlers(handlers, replica)
             if extra_services is not None:
@@ -204,6 +205,25 @@ async def serve_metaserver(
     finally:
         with trio.CancelScope(shield=True):
             await storage_context.__aexit__(None, None, None)
+
+
+def _deliver_once_running(
+    holder: list[Replica],
+) -> Callable[[PaxosBatch, CallContext], Awaitable[None]]:
+    """The PAXOS_DELIVER handler, served from the start: until the replica exists (during
+    recovery and the identity check) batches are dropped -- the senders retransmit --
+    rather than refused, which would close their links and log a warning each time."""
+    handlers: list[Callable[[PaxosBatch, CallContext], Awaitable[None]]] = []
+
+    async def deliver(batch: PaxosBatch, context: CallContext) -> None:
+        if not handlers:
+            if not holder:
+                return
+            replica = holder[0]
+            handlers.append(deliver_handler(replica.may_send, replica.deliver))
+        await handlers[0](batch, context)
+
+    return deliver
 
 
 def _identity_check_handler(
