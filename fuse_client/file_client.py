@@ -253,6 +253,8 @@ class _FileState:
     """(mtime, ctime, size) of the file as its cached chunk locations know it."""
     error: FileIoError | None = None
     """A write-back failure not yet reported to a flush, fsync or close."""
+    next_read_offset: int = 0
+    """Where a sequential reader reads next (read-ahead runs on into the next chunk)."""
 
     def dirty_bytes(self) -> int:
         return sum(chunk.bytes for chunk in self.dirty.values())
@@ -750,7 +752,29 @@ class FileClient:
                 if dirty is not None:
                     dirty.overlay(target, within)
                 position += size
+            if offset == state.next_read_offset and end < state.size:
+                self._read_ahead_into_next_chunk(state, end)
+            state.next_read_offset = end
             return bytes(result)
+
+    def _read_ahead_into_next_chunk(self, state: _FileState, position: int) -> None:
+        """Start the next chunk's read-ahead once a sequential reader at ``position`` is
+        within a read-ahead window of it (only where its location is already known and
+        no write of this client is open on it), so chunk boundaries do not drain the
+        pipeline of reads."""
+        following = position // state.chunk_size + 1
+        left_in_chunk = following * state.chunk_size - position
+        window = self.settings.readahead_bytes
+        located = state.located.get(following)
+        if (
+            left_in_chunk >= window
+            or following in state.active
+            or located is None
+            or not located.replicas
+        ):
+            return
+        reader = self._reader(state, following, _placement_of_located(located), located.length)
+        reader.start_readahead(0, window - left_in_chunk)
 
     async def _read_chunk(
         self, state: _FileState, credentials: Credentials, index: int, within: int, size: int
@@ -782,11 +806,9 @@ class FileClient:
                 delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
                 state.forget_locations()
                 continue
-            placement = ChunkPlacement(
-                located.chunk, located.version, None, located.replicas, located.token
-            )
+            placement = _placement_of_located(located)
             try:
-                return await self._reader(state, index, placement).read(
+                return await self._reader(state, index, placement, located.length).read(
                     within, min(size, located.length - within)
                 )
             except ReplicasUnavailable as error:
@@ -797,7 +819,15 @@ class FileClient:
                 log.info("inode %d chunk %d: %s; locating again", state.inode, index, error)
                 state.forget_locations()
 
-    def _reader(self, state: _FileState, index: int, placement: ChunkPlacement) -> ChunkReader:
+    def _reader(
+        self,
+        state: _FileState,
+        index: int,
+        placement: ChunkPlacement,
+        end_bytes: int | None = None,
+    ) -> ChunkReader:
+        """The chunk's reader; ``end_bytes`` (the committed length) keeps its read-ahead
+        from asking for bytes past the chunk's data."""
         reader = state.readers.get(index)
         if reader is None or reader.placement != placement:
             reader = ChunkReader(
@@ -805,6 +835,7 @@ class FileClient:
                 placement,
                 on_corrupt=self._report_corrupt,
                 readahead_bytes=self.settings.readahead_bytes,
+                end_bytes=end_bytes,
             )
             state.readers[index] = reader
         return reader
@@ -839,6 +870,8 @@ def _stamp(attr: Attr) -> tuple[int, int, int]:
 
 
 def _placement_of(writable: WritableChunk) -> ChunkPlacement:
+    """Where to write; replicas deriving the new version drop what lies past the base
+    version's committed length (bytes an earlier writer left uncommitted)."""
     return ChunkPlacement(
         writable.chunk,
         writable.version,
@@ -846,7 +879,12 @@ def _placement_of(writable: WritableChunk) -> ChunkPlacement:
         writable.replicas,
         writable.token,
         writable.compress,
+        base_length_bytes=writable.length if writable.base_version is not None else None,
     )
+
+
+def _placement_of_located(located: LocatedChunk) -> ChunkPlacement:
+    return ChunkPlacement(located.chunk, located.version, None, located.replicas, located.token)
 
 
 class OpenFile:
