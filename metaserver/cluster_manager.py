@@ -664,11 +664,16 @@ class ClusterManager:
                     state.install_scan(scanned, started_s)
                     pause_s = max(pause_s, SCAN_IDLE_FACTOR * (trio.current_time() - started_s))
             await trio.sleep(pause_s)
-            # The next scan waits until the chunks the last one marked were re-examined.
+            # The next scan waits until the chunks the last one marked were re-examined,
+            # but no longer than another pause: under steady writes, reports keep the
+            # backlog from ever emptying, and only a scan tells which open versions were
+            # committed since (a drain or a repair waits for that).
+            backlog_wait_ends_s = trio.current_time() + pause_s
             while (
                 (state := self._state_if_leader()) is not None
                 and state.backlog
                 and not state.safe_mode(trio.current_time())
+                and trio.current_time() < backlog_wait_ends_s
             ):
                 await trio.sleep(self._options.tick_s)
 
