@@ -52,7 +52,6 @@ from fuse_client.chunk_io import (
     DataserverPool,
     PipelineFailed,
     ReplicasUnavailable,
-    readahead_spill,
 )
 from fuse_client.meta_client import MetaClient, open_meta_client
 from wire.config import Config
@@ -622,14 +621,16 @@ class FileClient:
     ) -> WritableChunk:
         """:meth:`_open_for_write`, waiting (bounded) while the leader knows no live
         dataserver: after a failover it learns them from their next heartbeats."""
-        wait = _NoReplicaWait(self.settings.no_replica_wait_s)
+        deadline = trio.current_time() + self.settings.no_replica_wait_s
+        delay_s = NO_REPLICA_DELAY_S_MIN
         while True:
             try:
                 return await self._open_for_write(inode, index, credentials, exclude)
             except FileIoError as error:
-                if error.code != errno.ENOSPC or wait.expired():
+                if error.code != errno.ENOSPC or trio.current_time() > deadline:
                     raise
-            await wait.pause()
+            await trio.sleep(delay_s)
+            delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
 
     async def _recovering(
         self,
@@ -761,15 +762,19 @@ class FileClient:
         within a read-ahead window of it (only where its location is already known and
         no write of this client is open on it), so chunk boundaries do not drain the
         pipeline of reads."""
-        spill = readahead_spill(position, state.chunk_size, self.settings.readahead_bytes)
-        if spill is None:
-            return
-        following, length_bytes = spill
+        following = position // state.chunk_size + 1
+        left_in_chunk = following * state.chunk_size - position
+        window = self.settings.readahead_bytes
         located = state.located.get(following)
-        if following in state.active or located is None or not located.replicas:
+        if (
+            left_in_chunk >= window
+            or following in state.active
+            or located is None
+            or not located.replicas
+        ):
             return
         reader = self._reader(state, following, _placement_of_located(located), located.length)
-        reader.start_readahead(0, length_bytes)
+        reader.start_readahead(0, window - left_in_chunk)
 
     async def _read_chunk(
         self, state: _FileState, credentials: Credentials, index: int, within: int, size: int
@@ -784,7 +789,8 @@ class FileClient:
                 return b""
             return await self._reader(state, index, active.placement()).read(within, length)
         attempt = 0
-        wait = _NoReplicaWait(self.settings.no_replica_wait_s)
+        deadline = trio.current_time() + self.settings.no_replica_wait_s
+        delay_s = NO_REPLICA_DELAY_S_MIN
         while True:
             located = await self._locate(state, credentials, index)
             if located is None or within >= located.length:
@@ -792,11 +798,12 @@ class FileClient:
             if not located.replicas:
                 # A new leader rebuilds replica locations from dataserver reports: wait
                 # for them rather than fail the read.
-                if wait.expired():
+                if trio.current_time() > deadline:
                     raise FileIoError(
                         errno.EIO, f"inode {state.inode} chunk {index}: no replica known"
                     )
-                await wait.pause()
+                await trio.sleep(delay_s)
+                delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
                 state.forget_locations()
                 continue
             placement = _placement_of_located(located)
@@ -856,23 +863,6 @@ class FileClient:
             )
         except RpcError as error:
             log.warning("could not report a corrupt replica of chunk %#x: %s", chunk, error)
-
-
-class _NoReplicaWait:
-    """Doubling pauses (``NO_REPLICA_DELAY_S_MIN`` up to ``..._MAX``) for at most
-    ``wait_s`` while the leader knows no replica of a chunk: after a failover it learns
-    them from the dataservers' next reports.  Shared by reads and writes."""
-
-    def __init__(self, wait_s: float) -> None:
-        self._deadline = trio.current_time() + wait_s
-        self._delay_s = NO_REPLICA_DELAY_S_MIN
-
-    def expired(self) -> bool:
-        return trio.current_time() > self._deadline
-
-    async def pause(self) -> None:
-        await trio.sleep(self._delay_s)
-        self._delay_s = min(2 * self._delay_s, NO_REPLICA_DELAY_S_MAX)
 
 
 def _stamp(attr: Attr) -> tuple[int, int, int]:

@@ -146,29 +146,18 @@ class Deferred:
     async def wait(self) -> Any:
         """The value, once settled; raises the error it was failed with."""
         if not self.done:
-            await _park(self)
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
         else:
             await trio.lowlevel.checkpoint()
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def _error_envelope(error: RpcError) -> list[Any]:
-    """The ERROR envelope (without its call id) that answers a call with ``error``."""
-    return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
-
-
-async def _park(waiting: Deferred | _PendingCall) -> None:
-    """Sleep until whoever settles ``waiting`` reschedules the task it records in
-    ``_task`` (cancellation simply forgets the task)."""
-    waiting._task = trio.lowlevel.current_task()
-
-    def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-        waiting._task = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +220,13 @@ class _PendingCall:
         if self.finished:
             await trio.lowlevel.checkpoint()
             return
-        await _park(self)
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def finish(self, outcome: Any, payload: Payload | None) -> None:
         self.finished = True
@@ -578,7 +573,7 @@ class RpcConnection:
         try:
             result = entry.handler(request, CallContext(self, payload))
         except RpcError as error:
-            self._reply(call_id, _error_envelope(error))
+            self._reply(call_id, [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]])
             return
         except Exception:
             log.exception("handler for %s failed", name)
@@ -599,7 +594,7 @@ class RpcConnection:
 
     def _reply_envelope(self, name: str, value: Any, error: RpcError | None) -> list[Any]:
         if error is not None:
-            return _error_envelope(error)
+            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
         try:
             return [REPLY, schema.encode(value)]
         except Exception:
@@ -661,7 +656,7 @@ class RpcConnection:
         try:
             result = await handler(request, CallContext(self, payload))
         except RpcError as error:
-            return _error_envelope(error), None
+            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]], None
         except Exception:
             log.exception("handler for %s failed", name)
             return [ERROR, errno.EIO, f"internal error in {name}"], None

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.fuse.conftest import (
@@ -16,7 +17,7 @@ from tests.fuse.conftest import (
     poll,
     running_cluster,
 )
-from tools.local_cluster import _pid_alive, is_mounted, paxfs_command
+from tools.local_cluster import _pid_alive, is_mounted
 
 
 def _processes_with(text: str) -> list[int]:
@@ -107,7 +108,16 @@ def test_mount_sigterm_publishes_open_files_and_unmounts(cluster: LocalCluster) 
         mountpoint = directory / "fg-mnt"
         mountpoint.mkdir()
         process = subprocess.Popen(
-            paxfs_command("mount", "-c", str(cluster.config_path), "--foreground", str(mountpoint)),
+            [
+                sys.executable,
+                "-m",
+                "tools.cli",
+                "mount",
+                "-c",
+                str(cluster.config_path),
+                "--foreground",
+                str(mountpoint),
+            ],
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

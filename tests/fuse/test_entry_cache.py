@@ -1,4 +1,4 @@
-"""The mount's entry cache (:class:`fuse_client.entry_cache.EntryCache`), without a kernel: answers
+"""The mount's entry cache (:class:`fuse_client.fs.EntryCache`), without a kernel: answers
 expire with the configured timeouts, changes made through the mount are never hidden
 (fetches in flight are fenced), nothing negative is answered, memory is bounded, and a
 scan of a directory triggers one listing ahead.
@@ -17,7 +17,7 @@ import hypothesis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_client.entry_cache import STATAHEAD_FOUND_MISSES, STATAHEAD_PAUSE_S, EntryCache
+from fuse_client.fs import STATAHEAD_FOUND_MISSES, STATAHEAD_PAUSE_S, EntryCache
 from wire.ids import InodeId
 from wire.namespace_ops import Attr, DirEntry
 

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from fuse_client.meta_client import open_meta_client
 from tests.proc.metaserver_harness import REPO_ROOT, ManagedProcess, free_ports, paxfs_argv
 from tests.proc.test_cluster_harness import Cluster, DataClient, DataserverNode, wait_for
 from tools.admin_client import AdminClient
-from wire.data_ops import LocatedChunk
-from wire.ids import ChunkId, InodeId
+from wire.ids import InodeId
 from wire.namespace_ops import Create, Mkdir, Release
 
 ADMIN_TIMEOUT_S = 90.0
@@ -97,18 +95,6 @@ async def admin_client(cluster: Cluster) -> AsyncIterator[AdminClient]:
         yield AdminClient(meta, pool, cluster.key, dict(cluster.group.founders))
 
 
-async def busiest(
-    cluster: Cluster, client: DataClient, inodes: list[InodeId]
-) -> tuple[DataserverNode, dict[ChunkId, LocatedChunk]]:
-    """The dataserver holding the most replicas of ``inodes``, and their chunks."""
-    chunks: dict[ChunkId, LocatedChunk] = {}
-    for inode in inodes:
-        for chunk in (await client.locate(inode)).chunks:
-            chunks[chunk.chunk] = chunk
-    counts = Counter(address for chunk in chunks.values() for address in chunk.replicas)
-    return cluster.by_address(max(counts, key=lambda a: counts[a])), chunks
-
-
 def restart_dataserver(node: DataserverNode, *flags: str) -> None:
     """Stop ``node`` (SIGTERM) and start it again on the same data and address, with
     ``flags`` added to its command line."""
@@ -154,3 +140,12 @@ async def write_in(client: DataClient, parent: InodeId, name: bytes, data: bytes
 async def mkdir(client: DataClient, parent: InodeId, name: bytes) -> InodeId:
     entry = await client.meta.mutate(Mkdir(parent, name, 0o755))
     return InodeId(entry.attr.ino)
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip one bit of a replica file on disk (bit rot)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x10]))

@@ -13,13 +13,11 @@ from pathlib import Path
 
 from fuse_client.chunk_io import ChunkPlacement, ChunkReader, DataserverPool
 from tests.proc.test_cluster_harness import (
-    BLOCK_DATA_OFFSET,
     CHUNK_BYTES,
     DEAD_AFTER_S,
     Cluster,
     DataClient,
     expected_chunks,
-    flip_bit,
     running_cluster,
     seeded_rng,
     wait_for,
@@ -28,6 +26,8 @@ from wire.ids import InodeId
 
 HEAL_BOUND_S = 10.0
 """Time allowed past ``DEAD_AFTER_S`` for every chunk to be back at its goal."""
+BLOCK_DATA_OFFSET = 64 * 1024
+"""Where block 0's data starts in a replica file (see dataserver.block_format)."""
 
 
 async def assert_fully_replicated(
@@ -59,22 +59,6 @@ async def wait_fully_replicated(
     await wait_for(healed, f"every chunk back at {goal} replicas", timeout_s)
 
 
-async def wait_healed_away_from(
-    client: DataClient, inode: InodeId, address: str, what: str
-) -> None:
-    """Until every chunk of ``inode`` has 3 distinct replicas, none on ``address``
-    (the lost dataserver): it must be dead, then healed, within the bound."""
-
-    async def healed_elsewhere() -> bool:
-        located = await client.locate(inode)
-        return all(
-            len(set(chunk.replicas)) == 3 and address not in chunk.replicas
-            for chunk in located.chunks
-        )
-
-    await wait_for(healed_elsewhere, what, DEAD_AFTER_S + HEAL_BOUND_S)
-
-
 async def test_a_lost_dataserver_is_healed_to_the_goal_with_the_same_bytes(
     tmp_path: Path,
 ) -> None:
@@ -92,8 +76,15 @@ async def test_a_lost_dataserver_is_healed_to_the_goal_with_the_same_bytes(
         victim.process.kill(signal.SIGKILL)
         killed_at = time.monotonic()
 
-        await wait_healed_away_from(
-            client, inode, victim.address, "re-replication after a lost dataserver"
+        async def healed_elsewhere() -> bool:
+            located = await client.locate(inode)
+            return all(
+                len(set(chunk.replicas)) == 3 and victim.address not in chunk.replicas
+                for chunk in located.chunks
+            )
+
+        await wait_for(
+            healed_elsewhere, "re-replication after a lost dataserver", DEAD_AFTER_S + HEAL_BOUND_S
         )
         healed_s = time.monotonic() - killed_at
         print(f"healed {counts[victim.address]} chunks in {healed_s:.2f} s after the kill")
@@ -110,7 +101,11 @@ async def test_a_corrupt_replica_found_by_a_reader_is_replaced_then_deleted(
         inode = await client.write_file(b"f", data)
         (chunk,) = (await client.locate(inode)).chunks
         bad = cluster.by_address(chunk.replicas[0])
-        flip_bit(bad.replica_path(chunk.chunk, chunk.version), BLOCK_DATA_OFFSET + 4321)
+        with open(bad.replica_path(chunk.chunk, chunk.version), "r+b") as handle:
+            handle.seek(BLOCK_DATA_OFFSET + 4321)
+            byte = handle.read(1)[0]
+            handle.seek(BLOCK_DATA_OFFSET + 4321)
+            handle.write(bytes([byte ^ 0x01]))
         # A fresh reader tries the replicas in the order given: the bad one first.
         others = tuple(address for address in chunk.replicas if address != bad.address)
         placement = ChunkPlacement(
@@ -174,6 +169,15 @@ async def test_healing_goes_on_when_the_leader_dies_with_the_dataserver(tmp_path
         cluster.group.kill(leader)
         await cluster.group.wait_for_leader(among=[i for i in cluster.group.nodes if i != leader])
 
-        await wait_healed_away_from(client, inode, victim.address, "healing under the new leader")
+        async def healed_elsewhere() -> bool:
+            located = await client.locate(inode)
+            return all(
+                len(set(chunk.replicas)) == 3 and victim.address not in chunk.replicas
+                for chunk in located.chunks
+            )
+
+        await wait_for(
+            healed_elsewhere, "healing under the new leader", DEAD_AFTER_S + HEAL_BOUND_S
+        )
         await wait_fully_replicated(cluster, client, inode, 5.0)
         await assert_fully_replicated(cluster, client, inode, data)
