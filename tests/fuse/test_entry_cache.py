@@ -17,7 +17,7 @@ import hypothesis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuse_client.fs import STATAHEAD_FOUND_MISSES, STATAHEAD_PAUSE_S, EntryCache
+from fuse_client.entry_cache import STATAHEAD_FOUND_MISSES, STATAHEAD_PAUSE_S, EntryCache
 from wire.ids import InodeId
 from wire.namespace_ops import Attr, DirEntry
 
