@@ -1,4 +1,4 @@
-"""The mount's entry cache (:class:`fuse_client.fs.EntryCache`), without a kernel: answers
+"""The mount's entry cache (:class:`fuse_client.entry_cache.EntryCache`), without a kernel: answers
 expire with the configured timeouts, changes made through the mount are never hidden
 (fetches in flight are fenced), nothing negative is answered, memory is bounded, and a
 scan of a directory triggers one listing ahead.

@@ -23,13 +23,9 @@ import pytest
 import trio
 
 from fuse_client.chunk_io import DataserverPool
+from fuse_client.entry_cache import STATAHEAD_FOUND_MISSES
 from fuse_client.file_client import FileClient, FileClientSettings
-from fuse_client.fs import (
-    STATAHEAD_FOUND_MISSES,
-    STATAHEAD_WAIT_S,
-    GroupsCache,
-    PaxfsOperations,
-)
+from fuse_client.fs import STATAHEAD_WAIT_S, GroupsCache, PaxfsOperations
 from metaserver.namespace import NamespaceConfig
 from tests.fuse.standin_leader import serve_standin
 from tests.proc.dataserver_harness import KEY, Cluster
