@@ -280,17 +280,13 @@ class PaxfsOperations(pyfuse3.Operations):
         parent = InodeId(parent_inode)
         asked_at_s = time.monotonic()
         cached = self.entries.entry(parent, name, asked_at_s)
+        dots = name in (b".", b"..")
+        if cached is None and not dots and (listing := self._listings.get(parent)) is not None:
+            cached = await self._await_listing(parent, name, listing)
+            asked_at_s = time.monotonic()
         if cached is not None:
             attr, entry_left_s, attr_left_s = cached
             return self._remember(attr, entry_left_s, attr_left_s)
-        dots = name in (b".", b"..")
-        listing = self._listings.get(parent)
-        if listing is not None and not dots:
-            cached = await self._await_listing(parent, name, listing)
-            if cached is not None:
-                attr, entry_left_s, attr_left_s = cached
-                return self._remember(attr, entry_left_s, attr_left_s)
-            asked_at_s = time.monotonic()
         credentials = self._credentials(ctx)
         stamp = self.entries.stamp()
         try:
