@@ -199,9 +199,7 @@ class EntryCache:
             self._attrs.pop(inode, None)
             self._absent_xattrs.pop(inode, None)
         if len(self._changed) > self._changes_max:
-            self._floor = self._seq + 1
-            self._seq += 1
-            self._changed.clear()
+            self._fence_in_flight()
 
     def added(
         self, parent: InodeId, name: bytes, attr: Attr, now_s: float, *, new_inode: bool
@@ -232,9 +230,7 @@ class EntryCache:
         self._attrs.clear()
         self._absent_xattrs.clear()
         self._names = 0
-        self._changed.clear()
-        self._seq += 1
-        self._floor = self._seq
+        self._fence_in_flight()
 
     # ------------------------------------------------------------ listing ahead
 
@@ -270,6 +266,12 @@ class EntryCache:
             directory.pause_until_s = now_s + STATAHEAD_PAUSE_S
 
     # ------------------------------------------------------------ internals
+
+    def _fence_in_flight(self) -> None:
+        """Refuse every fetch stamped before now, whatever it touches."""
+        self._changed.clear()
+        self._seq += 1
+        self._floor = self._seq
 
     def _accepts(self, inode: InodeId, stamp: int) -> bool:
         return stamp >= self._floor and self._changed.get(inode, -1) <= stamp
