@@ -183,11 +183,10 @@ class EntryCache:
             absent = self._absent_xattrs[inode] = {}
         absent[name] = now_s
         self._absent_xattrs.move_to_end(inode)
-        while len(self._absent_xattrs) > self._names_max or len(absent) > XATTR_NAMES_MAX:
-            if len(absent) > XATTR_NAMES_MAX:
-                absent.clear()
-            else:
-                self._absent_xattrs.popitem(last=False)
+        if len(absent) > XATTR_NAMES_MAX:
+            absent.clear()
+        while len(self._absent_xattrs) > self._names_max:  # never the inode just moved last
+            self._absent_xattrs.popitem(last=False)
 
     # ------------------------------------------------------------ changes made here
 
