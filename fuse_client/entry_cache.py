@@ -8,7 +8,7 @@ Pure: no trio, no clock; the caller passes the time.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from wire.ids import InodeId
@@ -166,6 +166,14 @@ class EntryCache:
             if self._accepts(entry.attr.ino, stamp):
                 self._put_name(parent, entry.name, entry.attr.ino, now_s)
                 self._put_attr(entry.attr, now_s)
+
+    def unchanged_since(self, stamp: int, attrs: Iterable[Attr]) -> list[Attr]:
+        """Those of ``attrs`` whose inode no change made here touched since ``stamp``.
+
+        For the directory attributes a change answers with: take the stamp before
+        sending the change and call this before recording it, so that a concurrent
+        change here, whose effect the answer may lack, keeps them out."""
+        return [attr for attr in attrs if self._accepts(attr.ino, stamp)]
 
     def add_attr(self, attr: Attr, stamp: int, now_s: float) -> None:
         if self._accepts(attr.ino, stamp):

@@ -80,9 +80,9 @@ from wire.namespace_ops import (
     CommitWrite,
     Create,
     Credentials,
-    EntryReply,
     GetAttr,
     GetChunks,
+    MadeReply,
     MutationCall,
     Open,
     OpenChunk,
@@ -319,12 +319,13 @@ class FileClient:
         *,
         exclusive: bool,
         append: bool = False,
-    ) -> tuple[OpenFile, Attr]:
-        """open(2) with O_CREAT (errors as :class:`~wire.namespace_ops.Create`)."""
-        reply: EntryReply = await self.meta.mutate(
+    ) -> tuple[OpenFile, MadeReply]:
+        """open(2) with O_CREAT (errors as :class:`~wire.namespace_ops.Create`): the open
+        file, and the namespace's answer (the file's and the directory's attributes)."""
+        reply: MadeReply = await self.meta.mutate(
             Create(parent, name, mode, exclusive), credentials
         )
-        return self._opened(reply.attr, credentials, append), reply.attr
+        return self._opened(reply.attr, credentials, append), reply
 
     def _opened(self, attr: Attr, credentials: Credentials, append: bool) -> OpenFile:
         state = self._files.get(attr.ino)

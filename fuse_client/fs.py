@@ -253,11 +253,31 @@ class PaxfsOperations(pyfuse3.Operations):
             raise
 
     def _made(
-        self, parent: int, name: bytes, attr: Attr, asked_at_s: float, *, new_inode: bool = True
+        self,
+        parent: int,
+        name: bytes,
+        attr: Attr,
+        parent_attr: Attr | None,
+        stamp: int,
+        asked_at_s: float,
+        *,
+        new_inode: bool = True,
     ) -> pyfuse3.EntryAttributes:
-        """``name`` was made in ``parent`` as ``attr``: cache it, count the reference."""
+        """``name`` was made in ``parent`` as ``attr``, which left the directory as
+        ``parent_attr`` (the change was sent after ``stamp`` and ``asked_at_s``): cache
+        both (so the kernel's next GETATTR of the directory needs no round trip), count
+        the reference."""
+        answered = () if parent_attr is None else (parent_attr,)
+        parent_attrs = self.entries.unchanged_since(stamp, answered)
         self.entries.added(InodeId(parent), name, attr, asked_at_s, new_inode=new_inode)
+        self._dirs_changed(parent_attrs, asked_at_s)
         return self._remember(attr)
+
+    def _dirs_changed(self, dir_attrs: list[Attr], asked_at_s: float) -> None:
+        """Cache the attributes a change made here answered with, for the directories
+        :meth:`EntryCache.unchanged_since` kept (the change itself is recorded)."""
+        for attr in dir_attrs:
+            self.entries.add_attr(attr, self.entries.stamp(), asked_at_s)
 
     def _new_fh(self) -> int:
         return next(self._next_fh)
@@ -453,11 +473,12 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """Regular files, fifos, sockets, devices (root); EEXIST, EPERM, ENOSPC."""
         asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
         with self._changing(parent_inode):
             reply = await self.client.meta.mutate(
                 Mknod(InodeId(parent_inode), name, mode, rdev), self._credentials(ctx)
             )
-        return self._made(parent_inode, name, reply.attr, asked_at_s)
+        return self._made(parent_inode, name, reply.attr, reply.parent, stamp, asked_at_s)
 
     @_handler
     async def mkdir(
@@ -465,31 +486,42 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """EEXIST, ENOENT, ENOTDIR, ENAMETOOLONG, ENOSPC."""
         asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
         with self._changing(parent_inode):
             reply = await self.client.meta.mutate(
                 Mkdir(InodeId(parent_inode), name, mode), self._credentials(ctx)
             )
-        return self._made(parent_inode, name, reply.attr, asked_at_s)
+        return self._made(parent_inode, name, reply.attr, reply.parent, stamp, asked_at_s)
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENOENT, EISDIR, EPERM (sticky); an open file lives on until released."""
+        asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
+        dir_attrs: list[Attr] = []
         try:
-            await self.client.meta.mutate(
+            reply = await self.client.meta.mutate(
                 Unlink(InodeId(parent_inode), name), self._credentials(ctx)
             )
+            dir_attrs = self.entries.unchanged_since(stamp, reply.dirs)
         finally:
             self.entries.removed(InodeId(parent_inode), name)
+        self._dirs_changed(dir_attrs, asked_at_s)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """ENOENT, ENOTDIR, ENOTEMPTY, EPERM (sticky)."""
+        asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
+        dir_attrs: list[Attr] = []
         try:
-            await self.client.meta.mutate(
+            reply = await self.client.meta.mutate(
                 Rmdir(InodeId(parent_inode), name), self._credentials(ctx)
             )
+            dir_attrs = self.entries.unchanged_since(stamp, reply.dirs)
         finally:
             self.entries.removed(InodeId(parent_inode), name)
+        self._dirs_changed(dir_attrs, asked_at_s)
 
     @_handler
     async def symlink(
@@ -497,11 +529,12 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """EEXIST, ENAMETOOLONG, and the parent's errors."""
         asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
         with self._changing(parent_inode):
             reply = await self.client.meta.mutate(
                 Symlink(InodeId(parent_inode), name, target), self._credentials(ctx)
             )
-        return self._made(parent_inode, name, reply.attr, asked_at_s)
+        return self._made(parent_inode, name, reply.attr, reply.parent, stamp, asked_at_s)
 
     @_handler
     async def rename(
@@ -515,8 +548,11 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> None:
         """renameat2 with RENAME_NOREPLACE / RENAME_EXCHANGE; errors in Linux's order.
         A replaced inode stays alive while open (the namespace counts opens)."""
+        asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
+        dir_attrs: list[Attr] = []
         try:
-            await self.client.meta.mutate(
+            reply = await self.client.meta.mutate(
                 Rename(
                     InodeId(parent_inode_old),
                     name_old,
@@ -526,9 +562,11 @@ class PaxfsOperations(pyfuse3.Operations):
                 ),
                 self._credentials(ctx),
             )
+            dir_attrs = self.entries.unchanged_since(stamp, reply.dirs)
         finally:
             self.entries.removed(InodeId(parent_inode_old), name_old)
             self.entries.removed(InodeId(parent_inode_new), name_new)
+        self._dirs_changed(dir_attrs, asked_at_s)
 
     @_handler
     async def link(
@@ -536,11 +574,14 @@ class PaxfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """EPERM (a directory), EMLINK, EEXIST, ENOENT."""
         asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
         with self._changing(new_parent_inode, inode):
             reply = await self.client.meta.mutate(
                 Link(InodeId(inode), InodeId(new_parent_inode), new_name), self._credentials(ctx)
             )
-        return self._made(new_parent_inode, new_name, reply.attr, asked_at_s, new_inode=False)
+        return self._made(
+            new_parent_inode, new_name, reply.attr, reply.parent, stamp, asked_at_s, new_inode=False
+        )
 
     # ------------------------------------------------------------ files
 
@@ -577,14 +618,16 @@ class PaxfsOperations(pyfuse3.Operations):
         """open(O_CREAT): EEXIST with O_EXCL, EISDIR, and mknod's errors."""
         credentials = self._credentials(ctx)
         asked_at_s = time.monotonic()
+        stamp = self.entries.stamp()
         with self._changing(parent_inode):
-            handle, attr = await self.client.create(
+            handle, made = await self.client.create(
                 InodeId(parent_inode),
                 name,
                 stat.S_IFREG | stat.S_IMODE(mode),
                 credentials,
                 exclusive=bool(flags & os.O_EXCL),
             )
+        attr = made.attr
         try:
             if flags & os.O_TRUNC and attr.size:
                 self.entries.changed(attr.ino)
@@ -598,7 +641,9 @@ class PaxfsOperations(pyfuse3.Operations):
         # Without O_EXCL the name may have been made meanwhile by another client: its
         # inode is new only if nothing changed it since its birth (times all equal).
         new_inode = bool(flags & os.O_EXCL) or attr.atime_ns == attr.mtime_ns == attr.ctime_ns
-        entry = self._made(parent_inode, name, attr, asked_at_s, new_inode=new_inode)
+        entry = self._made(
+            parent_inode, name, attr, made.parent, stamp, asked_at_s, new_inode=new_inode
+        )
         return self._file_info(fh, attr), entry
 
     @_handler

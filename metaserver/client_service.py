@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from metaserver.namespace import Namespace
 from metaserver.replica import Replica
 from wire.admin_ops import (
     GROUP_STATUS,
@@ -34,18 +35,35 @@ from wire.admin_ops import (
     ReplicaStatus,
 )
 from wire.errors import RpcError
+from wire.ids import InodeId
 from wire.namespace_ops import (
     METHOD_OF_OP,
     MUTATING_OPS,
     QUERY_OPS,
     SESSION_OPS,
+    Attr,
+    AttrReply,
     ClientCommand,
+    Create,
+    Credentials,
+    DirsChangedReply,
+    EntryReply,
     ExpireSessions,
+    GetAttr,
+    Link,
+    MadeReply,
+    Mkdir,
+    Mknod,
+    MutatingOp,
     MutationCall,
     NsError,
     QueryCall,
+    Rename,
+    Rmdir,
     SessionCommand,
+    Symlink,
     SystemCommand,
+    Unlink,
 )
 from wire.rpc import CallContext, Deferred, Handlers
 from wire.schema import Method
@@ -67,6 +85,40 @@ def _check_method(method: Method[Any, Any], op: object) -> None:
         raise RpcError(errno.EPROTO, f"{type(op).__name__} cannot travel as {method.name}")
 
 
+def changed_dirs(op: MutatingOp) -> tuple[InodeId, ...]:
+    """The directories whose entries ``op`` changes (empty for ops that change none)."""
+    if isinstance(op, (Mknod, Create, Mkdir, Symlink, Unlink, Rmdir)):
+        return (op.parent,)
+    if isinstance(op, Link):
+        return (op.new_parent,)
+    if isinstance(op, Rename):
+        if op.old_parent == op.new_parent:
+            return (op.old_parent,)
+        return (op.old_parent, op.new_parent)
+    return ()
+
+
+def mutation_answer(namespace: Namespace, call: MutationCall, reply: Any) -> Any:
+    """The wire reply to ``call``, from the reply the namespace applied it with: for ops
+    that change directory entries, plus the changed directories' attributes from
+    ``namespace`` (the state the call was applied to, or a later one: any state before
+    the answer leaves is as fresh as a GETATTR would be).  Raises an RpcError for an
+    :class:`NsError`."""
+    reply = reply_or_raise(reply)
+    dirs = changed_dirs(call.op)
+    if not dirs:
+        return reply
+    attrs = [_attr_of(namespace, inode, call.context.credentials) for inode in dirs]
+    if isinstance(reply, EntryReply):
+        return MadeReply(reply.attr, attrs[0])
+    return DirsChangedReply(tuple(attr for attr in attrs if attr is not None))
+
+
+def _attr_of(namespace: Namespace, inode: InodeId, credentials: Credentials) -> Attr | None:
+    reply = namespace.query(GetAttr(inode), credentials)
+    return reply.attr if isinstance(reply, AttrReply) else None
+
+
 def _mutation_handler(
     replica: Replica, method: Method[Any, Any]
 ) -> Callable[[MutationCall, CallContext], Deferred]:
@@ -74,7 +126,10 @@ def _mutation_handler(
         _check_method(method, call.op)
         if not replica.is_leader:
             raise replica.not_leader()
-        return replica.submit_deferred(ClientCommand(time.time_ns(), call), reply_or_raise)
+        return replica.submit_deferred(
+            ClientCommand(time.time_ns(), call),
+            lambda reply: mutation_answer(replica.namespace, call, reply),
+        )
 
     return handle
 

@@ -256,6 +256,27 @@ class EntryReply:
     attr: Attr
 
 
+@message("ns.made")
+@dataclass(frozen=True)
+class MadeReply:
+    """What mknod, create, mkdir, symlink and link answer on the wire: the inode the new
+    name refers to, and the directory's attributes as the leader answered (None if it
+    is gone by then), like NFSv3's post-operation attributes: a client that caches
+    attributes need not ask for the changed directory's again."""
+
+    attr: Attr
+    parent: Attr | None
+
+
+@message("ns.dirs_changed")
+@dataclass(frozen=True)
+class DirsChangedReply:
+    """What unlink, rmdir and rename answer on the wire: the attributes of the
+    directories whose entries changed (those still there), as the leader answered."""
+
+    dirs: tuple[Attr, ...]
+
+
 @message("ns.attr")
 @dataclass(frozen=True)
 class AttrReply:
@@ -943,14 +964,14 @@ def decode_command(raw: bytes) -> Command:
 
 # ---------------------------------------------------------------- RPC methods
 
-MKNOD = Method("ns.mknod", MutationCall, EntryReply)
-CREATE = Method("ns.create", MutationCall, EntryReply)
-MKDIR = Method("ns.mkdir", MutationCall, EntryReply)
-SYMLINK = Method("ns.symlink", MutationCall, EntryReply)
-LINK = Method("ns.link", MutationCall, EntryReply)
-UNLINK = Method("ns.unlink", MutationCall, OkReply)
-RMDIR = Method("ns.rmdir", MutationCall, OkReply)
-RENAME = Method("ns.rename", MutationCall, OkReply)
+MKNOD = Method("ns.mknod", MutationCall, MadeReply)
+CREATE = Method("ns.create", MutationCall, MadeReply)
+MKDIR = Method("ns.mkdir", MutationCall, MadeReply)
+SYMLINK = Method("ns.symlink", MutationCall, MadeReply)
+LINK = Method("ns.link", MutationCall, MadeReply)
+UNLINK = Method("ns.unlink", MutationCall, DirsChangedReply)
+RMDIR = Method("ns.rmdir", MutationCall, DirsChangedReply)
+RENAME = Method("ns.rename", MutationCall, DirsChangedReply)
 SETATTR = Method("ns.setattr", MutationCall, AttrReply)
 SETXATTR = Method("ns.setxattr", MutationCall, OkReply)
 REMOVEXATTR = Method("ns.removexattr", MutationCall, OkReply)

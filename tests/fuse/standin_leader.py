@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from metaserver.client_service import mutation_answer
 from metaserver.namespace import Namespace, NamespaceConfig
 from tests.proc.dataserver_harness import FakeMetaserver
 from wire.address import Address
@@ -111,7 +112,8 @@ class StandinLeader:
         return handlers
 
     async def _mutation(self, call: MutationCall, _context: CallContext) -> Any:
-        return reply_or_raise(self.namespace.apply(ClientCommand(time.time_ns(), call)))
+        reply = self.namespace.apply(ClientCommand(time.time_ns(), call))
+        return mutation_answer(self.namespace, call, reply)
 
     async def _query(self, call: QueryCall, _context: CallContext) -> Any:
         return reply_or_raise(self.namespace.query(call.op, call.credentials))

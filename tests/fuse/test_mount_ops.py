@@ -84,6 +84,34 @@ def test_mkdir_rmdir_and_their_errors(workdir: Path) -> None:
     assert os.stat(workdir).st_nlink == 2
 
 
+def test_a_directory_shows_each_change_made_in_it_at_once(workdir: Path) -> None:
+    """The mount caches the attributes a change answers with; they must be the
+    directory's state after that change, never before it."""
+    here, there = workdir / "here", workdir / "there"
+    here.mkdir()
+    there.mkdir()
+    seen = [os.stat(here)]
+
+    def changed_by(action: Callable[[], Any]) -> os.stat_result:
+        action()
+        info = os.stat(here)
+        assert info.st_mtime_ns > seen[-1].st_mtime_ns, action
+        seen.append(info)
+        return info
+
+    changed_by(lambda: os.close(os.open(here / "f", os.O_CREAT | os.O_WRONLY, 0o644)))
+    assert changed_by(lambda: (here / "sub").mkdir()).st_nlink == 3
+    changed_by(lambda: os.symlink("f", here / "s"))
+    changed_by(lambda: os.link(here / "f", here / "g"))
+    changed_by(lambda: os.mknod(here / "p", 0o644 | stat.S_IFIFO))
+    assert changed_by(lambda: os.unlink(here / "g")).st_size == seen[0].st_size + 4
+    there_before = os.stat(there)
+    changed_by(lambda: os.rename(here / "f", there / "f"))
+    assert os.stat(there).st_mtime_ns > there_before.st_mtime_ns
+    assert changed_by(lambda: os.rmdir(here / "sub")).st_nlink == 2
+    assert sorted(os.listdir(here)) == ["p", "s"] and os.listdir(there) == ["f"]
+
+
 def test_create_open_flags(workdir: Path) -> None:
     path = workdir / "f"
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)

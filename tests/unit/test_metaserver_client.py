@@ -32,6 +32,7 @@ from wire.namespace_ops import (
     Attr,
     EntryReply,
     Lookup,
+    MadeReply,
     Mknod,
     MutationCall,
     OkReply,
@@ -96,8 +97,9 @@ async def client_of(servers: list[FakeMetaserver], **options: Any) -> AsyncItera
         yield client
 
 
-async def serve_entry(_server: FakeMetaserver, _request: Any, _context: CallContext) -> Any:
-    return EntryReply(ATTR)
+async def serve_entry(_server: FakeMetaserver, request: Any, _context: CallContext) -> Any:
+    """What the leader answers a Mknod (with the directory's attributes) or a Lookup."""
+    return MadeReply(ATTR, None) if isinstance(request, MutationCall) else EntryReply(ATTR)
 
 
 def redirect_to(target: Callable[[], FakeMetaserver]) -> Script:
@@ -113,7 +115,7 @@ async def test_a_follower_redirects_and_the_client_remembers_the_leader() -> Non
         holder.extend(servers)
         async with client_of(servers[:1]) as client:
             reply = await client.mutate(Mknod(ROOT_INODE, b"f", 0o644))
-            assert reply == EntryReply(ATTR)
+            assert reply == MadeReply(ATTR, None)
             assert client.leader == servers[1].address
             await client.query(Lookup(ROOT_INODE, b"f"))
         assert len(servers[0].requests) == 1, "the second call went straight to the leader"
@@ -127,7 +129,7 @@ async def test_a_retried_mutation_keeps_its_client_id_and_sequence_number() -> N
         if len(attempts) == 1:
             await context.connection.aclose()  # the leader died with the request in flight
             await trio.sleep_forever()
-        return EntryReply(ATTR)
+        return MadeReply(ATTR, None)
 
     async with fake_group(drop_the_first) as servers, client_of(servers) as client:
         await client.mutate(Mknod(ROOT_INODE, b"f", 0o644))
@@ -142,7 +144,7 @@ async def test_a_busy_leader_is_asked_again_on_the_same_connection() -> None:
     async def busy_twice(server: FakeMetaserver, _request: Any, _context: CallContext) -> Any:
         if len(server.requests) <= 2:
             raise RpcError(errno.EAGAIN, "proposal queue full")
-        return EntryReply(ATTR)
+        return MadeReply(ATTR, None)
 
     async with fake_group(busy_twice) as servers, client_of(servers) as client:
         await client.mutate(Mknod(ROOT_INODE, b"f", 0o644))
