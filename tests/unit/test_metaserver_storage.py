@@ -157,8 +157,12 @@ async def test_tickets_become_durable_in_submission_order(tmp_path: Path) -> Non
 
 
 async def test_append_now_is_durable_on_return_and_only_when_the_writer_is_idle(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from metaserver.storage import storage as storage_module
+
+    # A loaded machine may stall an inline sync past the slow mark (tested below).
+    monkeypatch.setattr(storage_module, "APPEND_NOW_SLOW_S", 60.0)
     sync = GatedSync()
     async with open_storage(tmp_path, CLUSTER, StorageOptions(fdatasync=sync)) as storage:
         ticket = storage.append_now([b"inline 1", b"inline 2"])
