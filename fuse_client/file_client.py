@@ -73,6 +73,7 @@ from wire.ids import ChunkId, ChunkVersion, InodeId
 from wire.invariant import invariant
 from wire.namespace_ops import (
     COMMIT_CHUNKS_MAX,
+    RELEASE_MANY_MAX,
     ROOT_CREDENTIALS,
     Attr,
     AttrReply,
@@ -87,7 +88,7 @@ from wire.namespace_ops import (
     Open,
     OpenChunk,
     QueryCall,
-    Release,
+    ReleaseMany,
     SetAttr,
     StatFs,
     StatFsReply,
@@ -113,9 +114,8 @@ SESSION_CHECK_INTERVAL_S = 0.5
 """How often the client looks whether its metaserver session was reopened."""
 RELEASES_PENDING_MAX = 4096
 """Releases queued for the background sender; past it a release is sent at once."""
-RELEASES_IN_FLIGHT_MAX = 64
-RELEASE_LINGER_S = 0.005
-"""How long the sender waits for more releases to join a batch."""
+RELEASE_LINGER_S = 0.02
+"""How long the sender waits for more releases to join a batch (one command)."""
 
 _REFRESH_CODES = frozenset({STALE_VERSION, TOKEN_REFUSED, errno.ENOENT})
 """Read errors after which the chunk's location is fetched again (another writer bumped
@@ -296,7 +296,7 @@ class FileClient:
         self._files: dict[InodeId, _FileState] = {}
         self._buffered_bytes = 0
         self._room = trio.Lock()
-        self._releases: list[tuple[InodeId, Credentials]] = []
+        self._releases: list[InodeId] = []
         self._releases_queued = trio.Event()
         self._releases_sent_later = False
 
@@ -353,28 +353,27 @@ class FileClient:
                 self._discard_buffers(state)
                 self._files.pop(state.inode, None)
             if self._releases_sent_later and len(self._releases) < RELEASES_PENDING_MAX:
-                self._releases.append((state.inode, handle.credentials))
+                self._releases.append(state.inode)
                 self._releases_queued.set()
             else:
-                await self._send_release(state.inode, handle.credentials)
+                await self._send_releases([state.inode])
 
-    async def _send_release(self, inode: InodeId, credentials: Credentials) -> None:
+    async def _send_releases(self, inodes: list[InodeId]) -> None:
+        """One :class:`ReleaseMany` (no permission is checked: the session's opens are
+        released, and those an ended session already released are skipped)."""
         try:
-            await self.meta.mutate(Release(inode), credentials)
+            await self.meta.mutate(ReleaseMany(tuple(inodes)))
         except RpcError as error:
-            if error.code == errno.EBADF:
-                # The session that counted this open ended (and released it).
-                log.info("inode %d: open already released with its session", inode)
-            else:
-                log.warning("inode %d: release not recorded: %s", inode, error)
+            log.warning("%d releases not recorded: %s", len(inodes), error)
 
     async def send_releases_forever(self) -> None:
         """Run for the client's lifetime: send queued releases in concurrent batches.
 
         The kernel does not wait for a release, and a release changes nothing anyone can
         observe except when the last open of an unlinked file goes (its space is freed a
-        moment later).  Sent together after a short linger, releases share Paxos slots
-        instead of competing one by one with the creates and opens that follow them."""
+        moment later).  Sent together after a short linger, as one command, releases
+        cost one slot share instead of competing one by one with the creates and opens
+        that follow them."""
         self._releases_sent_later = True
         try:
             while True:
@@ -388,11 +387,9 @@ class FileClient:
     async def drain_releases(self) -> None:
         """Send every queued release now (returns when all were answered)."""
         while self._releases:
-            batch = self._releases[:RELEASES_IN_FLIGHT_MAX]
-            del self._releases[:RELEASES_IN_FLIGHT_MAX]
-            async with trio.open_nursery() as nursery:
-                for inode, credentials in batch:
-                    nursery.start_soon(self._send_release, inode, credentials)
+            batch = self._releases[:RELEASE_MANY_MAX]
+            del self._releases[:RELEASE_MANY_MAX]
+            await self._send_releases(batch)
 
     async def keep_opens_registered(self) -> None:
         """Run for the client's lifetime: when the metaserver session had to be reopened

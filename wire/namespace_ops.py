@@ -65,6 +65,8 @@ OPEN_FILES_PER_SESSION_MAX = 1 << 20
 READDIR_PAGE_MAX = 1024
 CHUNK_PAGE_MAX = 4096
 """Largest page of GetChunks, GetDeletions, ScanChunks, and largest AckDeletions batch."""
+RELEASE_MANY_MAX = 1024
+"""Inodes one :class:`ReleaseMany` lists."""
 COMMIT_CHUNKS_MAX = 1024
 """Chunk writes in one CommitWrite."""
 OPEN_CHUNKS_MAX = 1 << 20
@@ -604,6 +606,17 @@ class Release:
     inode: InodeId
 
 
+@message("ns.release_many")
+@dataclass(frozen=True)
+class ReleaseMany:
+    """Release one open of the calling session per listed inode (an inode listed twice
+    releases two), as one command: a client closing many files pays for one log slot
+    share, not one per file.  Inodes the session holds no (more) open of are skipped:
+    their opens ended with an earlier session.  EINVAL past ``RELEASE_MANY_MAX``."""
+
+    inodes: tuple[InodeId, ...]
+
+
 @message("ns.open_chunk")
 @dataclass(frozen=True)
 class OpenChunk:
@@ -845,6 +858,7 @@ MutatingOp = (
     | SetGoal
     | Open
     | Release
+    | ReleaseMany
     | OpenChunk
     | CommitWrite
 )
@@ -978,6 +992,7 @@ REMOVEXATTR = Method("ns.removexattr", MutationCall, OkReply)
 SETGOAL = Method("ns.setgoal", MutationCall, AttrReply)
 OPEN = Method("ns.open", MutationCall, AttrReply)
 RELEASE = Method("ns.release", MutationCall, OkReply)
+RELEASE_MANY = Method("ns.release_many", MutationCall, OkReply)
 OPEN_CHUNK = Method("ns.open_chunk", MutationCall, ChunkReply)
 COMMIT_WRITE = Method("ns.commit_write", MutationCall, AttrReply)
 
@@ -1011,6 +1026,7 @@ METHOD_OF_OP: dict[type, Method[Any, Any]] = {
     SetGoal: SETGOAL,
     Open: OPEN,
     Release: RELEASE,
+    ReleaseMany: RELEASE_MANY,
     OpenChunk: OPEN_CHUNK,
     CommitWrite: COMMIT_WRITE,
     Lookup: LOOKUP,

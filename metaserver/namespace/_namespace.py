@@ -65,6 +65,7 @@ from wire.namespace_ops import (
     ReadLink,
     RecoverChunk,
     Release,
+    ReleaseMany,
     RemoveXattr,
     Rename,
     Reply,
@@ -104,6 +105,7 @@ MUTATIONS: dict[type, Handler] = {
     SetGoal: _ops_attrs.setgoal,
     Open: _ops_data.open_op,
     Release: _ops_data.release,
+    ReleaseMany: _ops_data.release_many,
     OpenChunk: _ops_data.open_chunk,
     CommitWrite: _ops_data.commit_write,
 }

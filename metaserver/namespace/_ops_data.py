@@ -23,6 +23,7 @@ from wire.namespace_ops import (
     COMMIT_CHUNKS_MAX,
     OPEN_CHUNKS_MAX,
     OPEN_FILES_PER_SESSION_MAX,
+    RELEASE_MANY_MAX,
     AttrReply,
     ChunkGoal,
     ChunkInfo,
@@ -39,6 +40,7 @@ from wire.namespace_ops import (
     OpenChunk,
     RecoverChunk,
     Release,
+    ReleaseMany,
     ScanChunks,
 )
 
@@ -70,6 +72,17 @@ def release(state: State, ctx: Context, op: Release) -> OkReply:
     if op.inode not in session.opens:
         raise OpError(errno.EBADF)
     state.release_open(session, op.inode, 1)
+    return OK
+
+
+def release_many(state: State, ctx: Context, op: ReleaseMany) -> OkReply:
+    session = ctx.session
+    assert session is not None  # only client commands reach release
+    if len(op.inodes) > RELEASE_MANY_MAX:
+        raise OpError(errno.EINVAL)
+    for inode in op.inodes:
+        if inode in session.opens:
+            state.release_open(session, inode, 1)
     return OK
 
 

@@ -11,6 +11,7 @@ from metaserver.namespace import Namespace, NamespaceConfig
 from wire.ids import ROOT_INODE, ChunkId, ChunkVersion, InodeId
 from wire.namespace_ops import (
     COMMIT_CHUNKS_MAX,
+    RELEASE_MANY_MAX,
     AckDeletions,
     ChunkInfo,
     CommitWrite,
@@ -20,6 +21,7 @@ from wire.namespace_ops import (
     Open,
     OpenChunk,
     Release,
+    ReleaseMany,
     Rename,
     ScanChunks,
     SetAttr,
@@ -282,6 +284,21 @@ def test_the_deletion_queue_is_paged(c: Client) -> None:
 def test_release_without_an_open_is_ebadf(c: Client) -> None:
     f = c.mknod(b"f")
     assert c.err(Release(f)) == errno.EBADF
+
+
+def test_release_many_releases_one_open_per_listing_and_skips_what_is_not_held(
+    c: Client,
+) -> None:
+    f, g, h = c.create(b"f"), c.create(b"g"), c.mknod(b"h")
+    c.ok(Open(f))
+    for name in (b"f", b"g", b"h"):
+        c.ok(Unlink(ROOT, name))
+    assert c.qok(StatFs()).open_unlinked == 2
+    c.ok(ReleaseMany((f, h, g)))  # h was never opened: skipped
+    assert c.qok(StatFs()).open_unlinked == 1 and c.attr(f).nlink == 0
+    c.ok(ReleaseMany((f, f)))  # one open of f left: the second listing is skipped
+    assert c.qok(StatFs()).open_unlinked == 0 and c.qok(StatFs()).files == 0
+    assert c.err(ReleaseMany((f,) * (RELEASE_MANY_MAX + 1))) == errno.EINVAL
 
 
 def test_opening_a_directory_is_eisdir(c: Client) -> None:
