@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import random
 
-import msgpack
 import pytest
-import zstandard
 
 from metaserver.namespace import Namespace, SnapshotError
 from wire.cluster_admin_ops import DataserverMode
@@ -28,7 +26,7 @@ from wire.namespace_ops import (
     encode_command,
 )
 
-from .test_namespace_support import seed_from_environment
+from .test_namespace_support import pack_snapshot, seed_from_environment, snapshot_records
 
 DECOMMISSION = DataserverMode.DECOMMISSION
 MAINTENANCE = DataserverMode.MAINTENANCE
@@ -146,24 +144,12 @@ def test_the_digest_sees_the_table() -> None:
     assert namespace.digest() == empty
 
 
-def _records(snapshot: bytes) -> list[object]:
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(snapshot)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(raw)
-    return list(unpacker)
-
-
-def _pack(records: list[object]) -> bytes:
-    raw = b"".join(msgpack.packb(record, use_bin_type=True) for record in records)
-    return zstandard.ZstdCompressor().compress(raw)
-
-
 def test_a_format_1_snapshot_of_an_older_paxfs_loads_with_an_empty_table() -> None:
     namespace = Namespace()
-    records = _records(namespace.snapshot())
+    records = snapshot_records(namespace.snapshot())
     assert records[0] == ["paxfs-namespace", 3] and records[-3] == records[-2] == []
     older = [["paxfs-namespace", 1], *records[1:-3], records[-1]]
-    restored = Namespace.restore(_pack(older))
+    restored = Namespace.restore(pack_snapshot(older))
     assert table(restored) == ()
     assert set_mode(restored, 1, DS, MAINTENANCE) == OkReply()
     assert table(Namespace.restore(restored.snapshot()))[0].dataserver == DS
@@ -172,10 +158,10 @@ def test_a_format_1_snapshot_of_an_older_paxfs_loads_with_an_empty_table() -> No
 def test_a_snapshot_with_a_bad_row_is_refused() -> None:
     namespace = Namespace()
     set_mode(namespace, 1, DS, MAINTENANCE)
-    records = _records(namespace.snapshot())
+    records = snapshot_records(namespace.snapshot())
     records[-3] = [[DS, 0, 1, "h:1"]]  # NORMAL never has a row
     with pytest.raises(SnapshotError, match="dataserver-mode row"):
-        Namespace.restore(_pack(records))
+        Namespace.restore(pack_snapshot(records))
     records[-3] = [[DS, 2, 1, "h:1"], [DS, 1, 1, "h:1"]]
     with pytest.raises(SnapshotError, match="two mode rows"):
-        Namespace.restore(_pack(records))
+        Namespace.restore(pack_snapshot(records))

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import errno
 
-import msgpack
 import pytest
-import zstandard
 
 from metaserver.namespace import Namespace, SnapshotError
 from wire.ids import ChunkId, ChunkVersion, InodeId
@@ -29,7 +27,13 @@ from wire.namespace_ops import (
     Unlink,
 )
 
-from .test_namespace_support import SMALL_CHUNK, Client, chunk_write
+from .test_namespace_support import (
+    SMALL_CHUNK,
+    Client,
+    chunk_write,
+    pack_snapshot,
+    snapshot_records,
+)
 
 CS = SMALL_CHUNK
 
@@ -178,39 +182,27 @@ def test_open_chunks_survive_a_snapshot_and_change_the_digest(c: Client) -> None
     assert scan(c)[opened.chunk].recovering
 
 
-def _records(snapshot: bytes) -> list[object]:
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(snapshot)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(raw)
-    return list(unpacker)
-
-
-def _pack(records: list[object]) -> bytes:
-    raw = b"".join(msgpack.packb(record, use_bin_type=True) for record in records)
-    return zstandard.ZstdCompressor().compress(raw)
-
-
 def test_a_format_2_snapshot_loads_with_no_chunk_open(c: Client) -> None:
     f = c.mknod(b"f")
     opened, at_ns = open_chunk(c, f, 0)
-    records = _records(c.ns.snapshot())
+    records = snapshot_records(c.ns.snapshot())
     assert records[0] == ["paxfs-namespace", 3] and records[-2] == [[opened.chunk, f, 0, at_ns, 0]]
     older = [["paxfs-namespace", 2], *records[1:-2], records[-1]]
-    c.ns = Namespace.restore(_pack(older))
+    c.ns = Namespace.restore(pack_snapshot(older))
     assert scan(c)[opened.chunk].opened_ns is None
 
 
 def test_a_snapshot_whose_open_chunk_is_not_in_its_file_is_refused(c: Client) -> None:
     f = c.mknod(b"f")
     opened, at_ns = open_chunk(c, f, 0)
-    records = _records(c.ns.snapshot())
+    records = snapshot_records(c.ns.snapshot())
     assert records[-2] == [[opened.chunk, f, 0, at_ns, 0]]
     records[-2] = [[opened.chunk, f, 1, at_ns, 0]]
     with pytest.raises(SnapshotError, match="open chunk"):
-        Namespace.restore(_pack(records))
+        Namespace.restore(pack_snapshot(records))
     records[-2] = [[opened.chunk, f, 0, at_ns, 0], [opened.chunk, f, 0, at_ns, 0]]
     with pytest.raises(SnapshotError, match="open twice"):
-        Namespace.restore(_pack(records))
+        Namespace.restore(pack_snapshot(records))
 
 
 def test_opens_past_the_limit_are_refused_but_reopening_an_open_chunk_is_not(

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import hypothesis
+import msgpack
+import zstandard
 
 from metaserver.namespace import Namespace, NamespaceConfig
 from wire.ids import ROOT_INODE, ChunkId, ChunkVersion, ClientId, InodeId, SequenceNumber
@@ -202,3 +204,17 @@ def errname(code: int) -> str:
 
 def chunk_write(index: int, chunk: int, version: int, end: int) -> ChunkWrite:
     return ChunkWrite(index, ChunkId(chunk), ChunkVersion(version), end)
+
+
+def snapshot_records(snapshot: bytes) -> list[object]:
+    """The msgpack records of a namespace snapshot, to edit (an older format, a bad row)."""
+    raw = zstandard.ZstdDecompressor().decompressobj().decompress(snapshot)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(raw)
+    return list(unpacker)
+
+
+def pack_snapshot(records: list[object]) -> bytes:
+    """A snapshot made of ``records`` (the inverse of :func:`snapshot_records`)."""
+    raw = b"".join(msgpack.packb(record, use_bin_type=True) for record in records)
+    return zstandard.ZstdCompressor().compress(raw)
