@@ -115,6 +115,14 @@ class Script:
             FullReportRequest(ds, 1, 0, True, tuple(self.stored[ds].values())), self.now
         )
 
+    def stored_and_reported(
+        self, servers: Iterable[DataserverId], chunk: ChunkId, version: ChunkVersion
+    ) -> None:
+        """Each of ``servers`` stores ``chunk`` at ``version`` and sends its full report."""
+        for ds in servers:
+            self.store(ds, chunk, version)
+            self.full_report(ds)
+
     def heartbeat(
         self,
         ds: DataserverId,
@@ -476,9 +484,7 @@ def test_a_client_cannot_mark_the_last_good_replica_corrupt() -> None:
 
 def test_a_corrupt_replica_is_replaced_then_deleted() -> None:
     script = Script([A, B, C, D])
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.leave_safe_mode({X: (V1, MIB, 3)})
     assert script.state.report_corrupt(X, V1, None, address(A), authoritative=False)
     script.stored[A][X] = ReplicaReport(X, V1, MIB, True)
@@ -504,9 +510,7 @@ def test_a_corrupt_copy_is_replaced_in_place_when_no_other_server_is_free() -> N
 
 def test_a_decommissioning_server_is_copied_off_but_keeps_its_replicas() -> None:
     script = Script([A, B, C, D])
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.leave_safe_mode({X: (V1, MIB, 3)})
     script.state.set_admin_state(A, ServerState.DECOMMISSIONING)
     script.round([A, B, C, D])
@@ -522,9 +526,7 @@ def test_a_decommissioning_server_is_copied_off_but_keeps_its_replicas() -> None
 
 def test_a_server_in_maintenance_counts_toward_goals_while_silent_but_is_not_read() -> None:
     script = Script([A, B, C, D])
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.leave_safe_mode({X: (V1, MIB, 3)})
     script.state.set_admin_state(A, ServerState.MAINTENANCE)
     script.advance(DEAD_AFTER_S + 1)
@@ -691,9 +693,7 @@ def test_a_young_leader_asks_writers_to_retry_until_reports_arrive() -> None:
 
 def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_probing() -> None:
     script = Script([A, B, C, D])
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     state = script.state
     first = state.grant_write(X, V2, MIB, 3, [], script.now, opened_ns=script.wall_ns())
     assert set(first.chain) == {A, B, C}
@@ -710,9 +710,7 @@ def test_members_of_a_failed_pipeline_that_never_got_the_write_are_found_by_prob
 
 def test_a_chunk_being_written_is_neither_copied_nor_cleaned_until_committed() -> None:
     script = Script([A, B, C, D])
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.leave_safe_mode({X: (V1, MIB, 3)})
     opened_ns = script.wall_ns()
     plan = script.state.grant_write(X, V2, MIB, 3, [C], script.now, opened_ns=opened_ns)

@@ -111,9 +111,7 @@ def test_the_presumption_ends_when_the_mode_is_turned_off() -> None:
 
 def test_a_server_in_maintenance_that_reports_counts_only_what_it_holds() -> None:
     script = Script([A, B, C, D], admin_modes=MAINTENANCE_A)
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.store(B, Y, V1)
     script.full_report(B)
     script.leave_safe_mode({X: (V1, MIB, 3), Y: (V1, MIB, 2)})
@@ -124,9 +122,7 @@ def test_a_server_in_maintenance_that_reports_counts_only_what_it_holds() -> Non
 
 def test_a_drain_goes_on_in_a_new_reign() -> None:
     script = Script([A, B, C, D], admin_modes=(row(A, DataserverMode.DECOMMISSION),))
-    for ds in (A, B, C):
-        script.store(ds, X, V1)
-        script.full_report(ds)
+    script.stored_and_reported((A, B, C), X, V1)
     script.leave_safe_mode({X: (V1, MIB, 3)})
     assert script.state.state_of(A) is ServerState.DECOMMISSIONING
     script.round([A, B, C, D])
