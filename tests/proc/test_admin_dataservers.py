@@ -9,40 +9,29 @@ its seed; replay with ``PAXFS_SEED=N``.
 from __future__ import annotations
 
 import signal
-from collections import Counter
 from pathlib import Path
 
 import trio
 
 from metaserver.cluster_admin import RATE_WINDOW_S_MIN
-from tests.proc.test_admin_harness import admin, admin_client, admin_json, wait_out_of_safe_mode
+from tests.proc.test_admin_harness import (
+    admin,
+    admin_client,
+    admin_json,
+    busiest,
+    wait_out_of_safe_mode,
+)
 from tests.proc.test_cluster_harness import (
     CHUNK_BYTES,
     DEAD_AFTER_S,
-    Cluster,
-    DataClient,
-    DataserverNode,
     running_cluster,
     seeded_rng,
     wait_for,
 )
 from tools.admin_fsck import judge_chunk
-from wire.data_ops import LocatedChunk
-from wire.ids import ChunkId, InodeId
+from wire.ids import InodeId
 
 GOAL = 3
-
-
-async def busiest(
-    cluster: Cluster, client: DataClient, inodes: list[InodeId]
-) -> tuple[DataserverNode, dict[ChunkId, LocatedChunk]]:
-    """The dataserver holding the most replicas of ``inodes``, and their chunks."""
-    chunks: dict[ChunkId, LocatedChunk] = {}
-    for inode in inodes:
-        for chunk in (await client.locate(inode)).chunks:
-            chunks[chunk.chunk] = chunk
-    counts = Counter(address for chunk in chunks.values() for address in chunk.replicas)
-    return cluster.by_address(max(counts, key=lambda a: counts[a])), chunks
 
 
 async def test_decommission_while_files_are_read_and_written_keeps_every_chunk_at_its_goal(

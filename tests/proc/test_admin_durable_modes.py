@@ -13,8 +13,13 @@ from pathlib import Path
 
 import trio
 
-from tests.proc.test_admin_dataservers import busiest
-from tests.proc.test_admin_harness import admin, admin_client, admin_json, wait_out_of_safe_mode
+from tests.proc.test_admin_harness import (
+    admin,
+    admin_client,
+    admin_json,
+    busiest,
+    wait_out_of_safe_mode,
+)
 from tests.proc.test_cluster_harness import (
     CHUNK_BYTES,
     DEAD_AFTER_S,

@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from fuse_client.meta_client import open_meta_client
 from tests.proc.metaserver_harness import REPO_ROOT, ManagedProcess, free_ports, paxfs_argv
 from tests.proc.test_cluster_harness import Cluster, DataClient, DataserverNode, wait_for
 from tools.admin_client import AdminClient
-from wire.ids import InodeId
+from wire.data_ops import LocatedChunk
+from wire.ids import ChunkId, InodeId
 from wire.namespace_ops import Create, Mkdir, Release
 
 ADMIN_TIMEOUT_S = 90.0
@@ -93,6 +95,18 @@ async def admin_client(cluster: Cluster) -> AsyncIterator[AdminClient]:
         DataserverPool.open(cluster.key, name="test-admin") as pool,
     ):
         yield AdminClient(meta, pool, cluster.key, dict(cluster.group.founders))
+
+
+async def busiest(
+    cluster: Cluster, client: DataClient, inodes: list[InodeId]
+) -> tuple[DataserverNode, dict[ChunkId, LocatedChunk]]:
+    """The dataserver holding the most replicas of ``inodes``, and their chunks."""
+    chunks: dict[ChunkId, LocatedChunk] = {}
+    for inode in inodes:
+        for chunk in (await client.locate(inode)).chunks:
+            chunks[chunk.chunk] = chunk
+    counts = Counter(address for chunk in chunks.values() for address in chunk.replicas)
+    return cluster.by_address(max(counts, key=lambda a: counts[a])), chunks
 
 
 def restart_dataserver(node: DataserverNode, *flags: str) -> None:
