@@ -59,6 +59,22 @@ async def wait_fully_replicated(
     await wait_for(healed, f"every chunk back at {goal} replicas", timeout_s)
 
 
+async def wait_healed_away_from(
+    client: DataClient, inode: InodeId, address: str, what: str
+) -> None:
+    """Until every chunk of ``inode`` has 3 distinct replicas, none on ``address``
+    (the lost dataserver): it must be dead, then healed, within the bound."""
+
+    async def healed_elsewhere() -> bool:
+        located = await client.locate(inode)
+        return all(
+            len(set(chunk.replicas)) == 3 and address not in chunk.replicas
+            for chunk in located.chunks
+        )
+
+    await wait_for(healed_elsewhere, what, DEAD_AFTER_S + HEAL_BOUND_S)
+
+
 async def test_a_lost_dataserver_is_healed_to_the_goal_with_the_same_bytes(
     tmp_path: Path,
 ) -> None:
@@ -76,15 +92,8 @@ async def test_a_lost_dataserver_is_healed_to_the_goal_with_the_same_bytes(
         victim.process.kill(signal.SIGKILL)
         killed_at = time.monotonic()
 
-        async def healed_elsewhere() -> bool:
-            located = await client.locate(inode)
-            return all(
-                len(set(chunk.replicas)) == 3 and victim.address not in chunk.replicas
-                for chunk in located.chunks
-            )
-
-        await wait_for(
-            healed_elsewhere, "re-replication after a lost dataserver", DEAD_AFTER_S + HEAL_BOUND_S
+        await wait_healed_away_from(
+            client, inode, victim.address, "re-replication after a lost dataserver"
         )
         healed_s = time.monotonic() - killed_at
         print(f"healed {counts[victim.address]} chunks in {healed_s:.2f} s after the kill")
@@ -169,15 +178,6 @@ async def test_healing_goes_on_when_the_leader_dies_with_the_dataserver(tmp_path
         cluster.group.kill(leader)
         await cluster.group.wait_for_leader(among=[i for i in cluster.group.nodes if i != leader])
 
-        async def healed_elsewhere() -> bool:
-            located = await client.locate(inode)
-            return all(
-                len(set(chunk.replicas)) == 3 and victim.address not in chunk.replicas
-                for chunk in located.chunks
-            )
-
-        await wait_for(
-            healed_elsewhere, "healing under the new leader", DEAD_AFTER_S + HEAL_BOUND_S
-        )
+        await wait_healed_away_from(client, inode, victim.address, "healing under the new leader")
         await wait_fully_replicated(cluster, client, inode, 5.0)
         await assert_fully_replicated(cluster, client, inode, data)
