@@ -154,12 +154,3 @@ async def write_in(client: DataClient, parent: InodeId, name: bytes, data: bytes
 async def mkdir(client: DataClient, parent: InodeId, name: bytes) -> InodeId:
     entry = await client.meta.mutate(Mkdir(parent, name, 0o755))
     return InodeId(entry.attr.ino)
-
-
-def flip_bit(path: Path, offset: int) -> None:
-    """Flip one bit of a replica file on disk (bit rot)."""
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        byte = handle.read(1)[0]
-        handle.seek(offset)
-        handle.write(bytes([byte ^ 0x10]))

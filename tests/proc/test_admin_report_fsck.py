@@ -12,20 +12,18 @@ from pathlib import Path
 from tests.proc.test_admin_harness import (
     admin,
     admin_json,
-    flip_bit,
     restart_dataserver,
     wait_out_of_safe_mode,
 )
 from tests.proc.test_cluster_harness import (
+    BLOCK_DATA_OFFSET,
     CHUNK_BYTES,
     expected_chunks,
+    flip_bit,
     running_cluster,
     seeded_rng,
     wait_for,
 )
-
-BLOCK_DATA_OFFSET = 64 * 1024
-"""Where block 0's data starts in a replica file (see dataserver.block_format)."""
 
 
 async def test_report_and_fileinfo_show_what_the_dataservers_store(tmp_path: Path) -> None:

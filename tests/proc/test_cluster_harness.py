@@ -74,6 +74,8 @@ CHUNK_BYTES = 256 * 1024
 DEAD_AFTER_S = 2.5
 HEARTBEAT_S = 0.2
 REGISTER_TIMEOUT_S = 30.0
+BLOCK_DATA_OFFSET = 64 * 1024
+"""Where block 0's data starts in a replica file (see dataserver.block_format)."""
 _REPLICA_NAME = re.compile(r"^chunk_([0-9a-f]{16})_([0-9a-f]{16})$")
 
 
@@ -114,6 +116,15 @@ class DataserverNode:
 
     def replica_path(self, chunk: ChunkId, version: ChunkVersion) -> Path:
         return self.data_dir / "chunks" / f"chunk_{chunk:016x}_{version:016x}"
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip one bit of a replica file on disk (bit rot)."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x10]))
 
 
 @dataclass

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from fuse_client.chunk_io import ChunkPlacement, ChunkReader, DataserverPool
 from tests.proc.test_cluster_harness import (
+    BLOCK_DATA_OFFSET,
     CHUNK_BYTES,
     DEAD_AFTER_S,
     Cluster,
     DataClient,
     expected_chunks,
+    flip_bit,
     running_cluster,
     seeded_rng,
     wait_for,
@@ -26,8 +28,6 @@ from wire.ids import InodeId
 
 HEAL_BOUND_S = 10.0
 """Time allowed past ``DEAD_AFTER_S`` for every chunk to be back at its goal."""
-BLOCK_DATA_OFFSET = 64 * 1024
-"""Where block 0's data starts in a replica file (see dataserver.block_format)."""
 
 
 async def assert_fully_replicated(
@@ -110,11 +110,7 @@ async def test_a_corrupt_replica_found_by_a_reader_is_replaced_then_deleted(
         inode = await client.write_file(b"f", data)
         (chunk,) = (await client.locate(inode)).chunks
         bad = cluster.by_address(chunk.replicas[0])
-        with open(bad.replica_path(chunk.chunk, chunk.version), "r+b") as handle:
-            handle.seek(BLOCK_DATA_OFFSET + 4321)
-            byte = handle.read(1)[0]
-            handle.seek(BLOCK_DATA_OFFSET + 4321)
-            handle.write(bytes([byte ^ 0x01]))
+        flip_bit(bad.replica_path(chunk.chunk, chunk.version), BLOCK_DATA_OFFSET + 4321)
         # A fresh reader tries the replicas in the order given: the bad one first.
         others = tuple(address for address in chunk.replicas if address != bad.address)
         placement = ChunkPlacement(
