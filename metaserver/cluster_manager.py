@@ -41,7 +41,7 @@ import errno
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -253,11 +253,11 @@ class ClusterManager:
             self._peers = PeerConnections(
                 self._key, nursery, name=peer_name(self._replica.node.node_id)
             )
-            nursery.start_soon(self._tick_loop)
+            nursery.start_soon(self._each_tick, "planning", self._plan)
             nursery.start_soon(self._scan_loop)
-            nursery.start_soon(self._deletion_loop)
+            nursery.start_soon(self._each_tick, "draining deletions", self._drain_deletions)
             nursery.start_soon(self._modes_loop)
-            nursery.start_soon(self._recovery_loop)
+            nursery.start_soon(self._each_tick, "recovering open chunks", self._recover_due)
 
     def counters(self) -> ClusterCounters | None:
         """The health counters of the current reign (None when not leader)."""
@@ -619,29 +619,39 @@ class ClusterManager:
 
     # ------------------------------------------------------------------ background
 
-    async def _tick_loop(self) -> None:
+    async def _each_tick(self, doing: str, step: Callable[[ClusterState], Awaitable[None]]) -> None:
+        """Every tick while leader, ``step`` on the reign's state.  An RPC error (the reign
+        ended, a peer did not answer) abandons this tick's step; any other exception is a
+        bug, and starts the reign's soft state afresh."""
         while True:
             await trio.sleep(self._options.tick_s)
             state = self._state_if_leader()
             if state is None:
                 continue
             try:
-                now_s = trio.current_time()
-                for dead in state.check_liveness(now_s):
-                    log.warning(
-                        "dataserver %016x (%s) is dead: silent for %.1f s",
-                        dead,
-                        state.address(dead),
-                        self._options.dead_after_s,
-                    )
-                budget_ends_s = time.monotonic() + PLAN_SHARE_OF_TICK * self._options.tick_s
-                while state.plan(now_s) and time.monotonic() < budget_ends_s:
-                    await trio.sleep(0)
-                    if self._state is not state:
-                        break
-                self._log_summary(state)
+                await step(state)
+            except RpcError as error:
+                log.debug("%s abandoned: %s", doing, error)
             except Exception:
-                self._lose_state("planning", state)
+                self._lose_state(doing, state)
+
+    async def _plan(self, state: ClusterState) -> None:
+        """Dead dataservers, then re-examination of changed chunks within a share of the
+        tick."""
+        now_s = trio.current_time()
+        for dead in state.check_liveness(now_s):
+            log.warning(
+                "dataserver %016x (%s) is dead: silent for %.1f s",
+                dead,
+                state.address(dead),
+                self._options.dead_after_s,
+            )
+        budget_ends_s = time.monotonic() + PLAN_SHARE_OF_TICK * self._options.tick_s
+        while state.plan(now_s) and time.monotonic() < budget_ends_s:
+            await trio.sleep(0)
+            if self._state is not state:
+                break
+        self._log_summary(state)
 
     async def _scan_loop(self) -> None:
         """Scan the namespace every ``scan_interval_s``, or less often in a namespace so
@@ -701,20 +711,10 @@ class ClusterManager:
             inode, index = page.next_inode, page.next_index
             await trio.sleep(0)
 
-    async def _deletion_loop(self) -> None:
-        while True:
-            await trio.sleep(self._options.tick_s)
-            state = self._state_if_leader()
-            if state is None or state.safe_mode(trio.current_time()):
-                continue
-            try:
-                await self._drain_deletions(state)
-            except RpcError as error:
-                log.debug("deletion drain abandoned: %s", error)
-            except Exception:
-                self._lose_state("draining deletions", state)
-
     async def _drain_deletions(self, state: ClusterState) -> None:
+        """One page of the namespace's deletion queue (not in safe mode)."""
+        if state.safe_mode(trio.current_time()):
+            return
         await self._replica.confirm_read()
         if self._state is not state:
             return
@@ -730,20 +730,12 @@ class ClusterManager:
             )
             log.info("acknowledged %d deleted chunks (%d queued)", len(acks), page.total)
 
-    async def _recovery_loop(self) -> None:
-        """Every tick, recover the open versions that are due (cluster-state rule 8)."""
-        while True:
-            await trio.sleep(self._options.tick_s)
-            state = self._state_if_leader()
-            if state is None:
-                continue
-            try:
-                due = state.recoveries(trio.current_time(), time.time_ns())
-                async with trio.open_nursery() as nursery:
-                    for recovery in due:
-                        nursery.start_soon(self._recover, state, recovery)
-            except Exception:
-                self._lose_state("recovering open chunks", state)
+    async def _recover_due(self, state: ClusterState) -> None:
+        """Recover the open versions that are due (cluster-state rule 8)."""
+        due = state.recoveries(trio.current_time(), time.time_ns())
+        async with trio.open_nursery() as nursery:
+            for recovery in due:
+                nursery.start_soon(self._recover, state, recovery)
 
     async def _recover(self, state: ClusterState, recovery: Recovery) -> None:
         """Carry out one recovery: RecoverChunk, the fencing sync, CommitRecovery."""
