@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from tools.local_cluster import (
     ClusterLayout,
     check_health,
     is_mounted,
+    paxfs_command,
     write_config,
 )
 from wire.config import load_config
@@ -75,7 +75,7 @@ def _require_fuse() -> None:
 def paxfs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``paxfs ARGS`` with this interpreter; fail with its output if ``check``."""
     result = subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args],
+        paxfs_command(*args),
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.fuse.conftest import (
@@ -17,7 +16,7 @@ from tests.fuse.conftest import (
     poll,
     running_cluster,
 )
-from tools.local_cluster import _pid_alive, is_mounted
+from tools.local_cluster import _pid_alive, is_mounted, paxfs_command
 
 
 def _processes_with(text: str) -> list[int]:
@@ -108,16 +107,7 @@ def test_mount_sigterm_publishes_open_files_and_unmounts(cluster: LocalCluster) 
         mountpoint = directory / "fg-mnt"
         mountpoint.mkdir()
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.cli",
-                "mount",
-                "-c",
-                str(cluster.config_path),
-                "--foreground",
-                str(mountpoint),
-            ],
+            paxfs_command("mount", "-c", str(cluster.config_path), "--foreground", str(mountpoint)),
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

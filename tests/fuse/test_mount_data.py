@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from tests.fuse.conftest import (
     poll,
     running_cluster,
 )
-from tools.local_cluster import is_mounted, spawn, stop_processes, unmount
+from tools.local_cluster import is_mounted, paxfs_command, spawn, stop_processes, unmount
 
 
 def seed_of(request: pytest.FixtureRequest) -> int:
@@ -99,16 +98,7 @@ def second_mount(cluster: LocalCluster) -> Iterator[Path]:
     record = spawn(
         "mount",
         "mount-2",
-        [
-            sys.executable,
-            "-m",
-            "tools.cli",
-            "mount",
-            "-c",
-            str(cluster.config_path),
-            "--foreground",
-            str(mountpoint),
-        ],
+        paxfs_command("mount", "-c", str(cluster.config_path), "--foreground", str(mountpoint)),
         cluster.directory / "logs" / "mount-2.log",
     )
     try:
