@@ -8,7 +8,6 @@ inside per-inode loops test first and format their message only on failure.
 from __future__ import annotations
 
 import stat
-from array import array
 from collections import Counter
 
 from wire.ids import ROOT_INODE
@@ -182,23 +181,13 @@ def _check_chunks(state: State) -> None:
             raise InvariantViolation(f"queued chunk {chunk} v{version} (current: {live})")
     invariant(len(state.open_chunks) <= OPEN_CHUNKS_MAX, "too many open chunks")
     for chunk, (ino, index, _opened_ns, recovering) in state.open_chunks.items():
-        node = state.inodes.get(ino)
+        holder = state.inodes.get(ino)
         if (
             recovering not in (0, 1)
-            or not isinstance(node, FileNode)
-            or not _holds_chunk(node, index, chunk)
+            or not isinstance(holder, FileNode)
+            or holder.chunk_offset(index, chunk) is None
         ):
             raise InvariantViolation(f"open chunk {chunk} is not chunk {index} of file {ino}")
-
-
-def _holds_chunk(node: FileNode, index: int, chunk: int) -> bool:
-    chunks = node.chunks
-    offset = node.chunk_position(index) * CHUNK_FIELDS
-    return (
-        chunks is not None
-        and offset < len(chunks)
-        and chunks[offset : offset + 2] == (array("q", (index, chunk)))
-    )
 
 
 def _check_sessions(state: State) -> None:

@@ -229,6 +229,15 @@ class FileNode(Node):
                 high = middle
         return low
 
+    def chunk_offset(self, index: int, chunk: int) -> int | None:
+        """Offset (in ints) of the record of chunk ``index`` when that record holds chunk
+        id ``chunk``; None when the file has no chunk at ``index`` or another one there."""
+        chunks = self.chunks
+        offset = self.chunk_position(index) * CHUNK_FIELDS
+        if chunks is None or offset >= len(chunks):
+            return None
+        return offset if chunks[offset] == index and chunks[offset + 1] == chunk else None
+
     def chunk_count(self) -> int:
         return 0 if self.chunks is None else len(self.chunks) // CHUNK_FIELDS
 

@@ -168,13 +168,11 @@ def recover_chunk(state: State, now_ns: int, op: RecoverChunk) -> OkReply:
     ino, index, _, _ = opened
     node = state.inodes.get(ino)
     invariant(type(node) is FileNode, f"open chunk {op.chunk} of a freed inode {ino}")
-    assert isinstance(node, FileNode) and node.chunks is not None
-    offset = node.chunk_position(index) * CHUNK_FIELDS
+    assert isinstance(node, FileNode)
+    offset = node.chunk_offset(index, op.chunk)
+    invariant(offset is not None, f"open chunk {op.chunk} is not at index {index} of inode {ino}")
+    assert offset is not None and node.chunks is not None
     chunks = node.chunks
-    invariant(
-        offset < len(chunks) and chunks[offset] == index and chunks[offset + 1] == op.chunk,
-        f"open chunk {op.chunk} is not at index {index} of inode {ino}",
-    )
     if chunks[offset + 2] != op.version:
         raise OpError(errno.ESTALE)
     state.queue_deletion(op.chunk, op.version)
