@@ -146,18 +146,24 @@ class Deferred:
     async def wait(self) -> Any:
         """The value, once settled; raises the error it was failed with."""
         if not self.done:
-            self._task = trio.lowlevel.current_task()
-
-            def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-                self._task = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+            await _park(self)
         else:
             await trio.lowlevel.checkpoint()
         if self.error is not None:
             raise self.error
         return self.value
+
+
+async def _park(waiting: Deferred | _PendingCall) -> None:
+    """Sleep until whoever settles ``waiting`` reschedules the task it records in
+    ``_task`` (cancellation simply forgets the task)."""
+    waiting._task = trio.lowlevel.current_task()
+
+    def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+        waiting._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,13 +226,7 @@ class _PendingCall:
         if self.finished:
             await trio.lowlevel.checkpoint()
             return
-        self._task = trio.lowlevel.current_task()
-
-        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            self._task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await _park(self)
 
     def finish(self, outcome: Any, payload: Payload | None) -> None:
         self.finished = True
