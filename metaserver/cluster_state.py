@@ -597,10 +597,6 @@ class ClusterState:
                 self._release_held_for_maintenance()
         self.admin_modes_installed = True
 
-    def known(self, dataserver: DataserverId) -> bool:
-        """True for a dataserver registered in this reign or in the mode table."""
-        return dataserver in self.servers
-
     def _release_held_for_maintenance(self) -> None:
         """The set of silent servers in maintenance changed: re-examine the chunks whose
         copies rule 7 held back."""
