@@ -48,6 +48,7 @@ import trio
 
 from metaserver.client_service import reply_or_raise
 from metaserver.cluster_state import (
+    COLLECTING_REPORTS,
     ChunkRef,
     ClusterCounters,
     ClusterState,
@@ -581,9 +582,7 @@ class ClusterManager:
         for info in reply.chunks:
             version, holders = state.locate(info.chunk, info.version)
             if not holders and young:
-                raise RpcError(
-                    errno.EAGAIN, "a new metaserver leader is collecting chunk reports; retry"
-                )
+                raise RpcError(errno.EAGAIN, COLLECTING_REPORTS)
             located.append(
                 LocatedChunk(
                     info.index,

@@ -102,6 +102,8 @@ RECOVERIES_IN_FLIGHT_MAX = 64
 log command)."""
 RECOVERY_RETRY_S = 5.0
 """A recovery that failed (or was not reported done) is tried again after this long."""
+COLLECTING_REPORTS = "a new metaserver leader is collecting chunk reports; retry"
+"""Why a request that needs the replica map is refused (EAGAIN) in safe mode."""
 
 
 class ServerState(enum.Enum):
@@ -703,7 +705,7 @@ class ClusterState:
                     for position, target in enumerate(targets)
                 )
             elif self.safe_mode(now_s):
-                raise RequestRefused(errno.EAGAIN, _COLLECTING_REPORTS)
+                raise RequestRefused(errno.EAGAIN, COLLECTING_REPORTS)
             elif length_bytes == 0:
                 # Nothing was ever committed: start afresh on servers holding no copy.
                 base = None
@@ -716,7 +718,7 @@ class ClusterState:
         else:
             chain = tuple(self._choose(goal, self.options.chunk_size_bytes, excluded | holding))
         if not chain and self.safe_mode(now_s):
-            raise RequestRefused(errno.EAGAIN, _COLLECTING_REPORTS)
+            raise RequestRefused(errno.EAGAIN, COLLECTING_REPORTS)
         self.grants[chunk] = WriteGrant(version, base, chain, ref, now_s)
         for ds in chain:
             record = self.servers[ds]
@@ -856,7 +858,7 @@ class ClusterState:
             self._dirty[chunk] = None
         ref = self.refs.get(chunk)
         if self.safe_mode(now_s):
-            return _COLLECTING_REPORTS
+            return COLLECTING_REPORTS
         if ref is None:
             return "no file references the chunk"
         if self.is_open(chunk):
@@ -1491,9 +1493,6 @@ class ClusterState:
             )
             for record in sorted(self.servers.values(), key=lambda r: r.dataserver_id)
         ]
-
-
-_COLLECTING_REPORTS = "a new metaserver leader is collecting chunk reports; retry"
 
 
 def _replica_of(report: ReplicaReport) -> Replica:
