@@ -154,6 +154,11 @@ class Deferred:
         return self.value
 
 
+def _error_envelope(error: RpcError) -> list[Any]:
+    """The ERROR envelope (without its call id) that answers a call with ``error``."""
+    return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
+
+
 async def _park(waiting: Deferred | _PendingCall) -> None:
     """Sleep until whoever settles ``waiting`` reschedules the task it records in
     ``_task`` (cancellation simply forgets the task)."""
@@ -573,7 +578,7 @@ class RpcConnection:
         try:
             result = entry.handler(request, CallContext(self, payload))
         except RpcError as error:
-            self._reply(call_id, [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]])
+            self._reply(call_id, _error_envelope(error))
             return
         except Exception:
             log.exception("handler for %s failed", name)
@@ -594,7 +599,7 @@ class RpcConnection:
 
     def _reply_envelope(self, name: str, value: Any, error: RpcError | None) -> list[Any]:
         if error is not None:
-            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
+            return _error_envelope(error)
         try:
             return [REPLY, schema.encode(value)]
         except Exception:
@@ -656,7 +661,7 @@ class RpcConnection:
         try:
             result = await handler(request, CallContext(self, payload))
         except RpcError as error:
-            return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]], None
+            return _error_envelope(error), None
         except Exception:
             log.exception("handler for %s failed", name)
             return [ERROR, errno.EIO, f"internal error in {name}"], None
