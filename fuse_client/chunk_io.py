@@ -892,14 +892,26 @@ class PlacedFile:
 
     def _read_ahead_into_next_chunk(self, position: int) -> None:
         """Start the next chunk's read-ahead once ``position`` is within a window of it."""
-        following = position // self.chunk_size_bytes + 1
-        left_in_chunk = following * self.chunk_size_bytes - position
-        if (
-            following in self.placements
-            and following * self.chunk_size_bytes < self.length_bytes
-            and left_in_chunk < self._readahead_bytes
-        ):
-            self._reader(following).start_readahead(0, self._readahead_bytes - left_in_chunk)
+        spill = readahead_spill(position, self.chunk_size_bytes, self._readahead_bytes)
+        if spill is None:
+            return
+        following, length_bytes = spill
+        if following in self.placements and following * self.chunk_size_bytes < self.length_bytes:
+            self._reader(following).start_readahead(0, length_bytes)
+
+
+def readahead_spill(
+    position: int, chunk_size_bytes: int, readahead_bytes: int
+) -> tuple[int, int] | None:
+    """The part of a sequential reader's read-ahead window at ``position`` that runs on
+    into the next chunk: ``(that chunk's index, bytes to read ahead from its start)``, or
+    None while the window ends inside the current chunk.  The one rule for both
+    :class:`PlacedFile` and the FUSE file client."""
+    following = position // chunk_size_bytes + 1
+    left_in_chunk_bytes = following * chunk_size_bytes - position
+    if left_in_chunk_bytes >= readahead_bytes:
+        return None
+    return following, readahead_bytes - left_in_chunk_bytes
 
 
 async def _write_to(writer: ChunkWriter, *, offset: int, data: Payload) -> None:

@@ -52,6 +52,7 @@ from fuse_client.chunk_io import (
     DataserverPool,
     PipelineFailed,
     ReplicasUnavailable,
+    readahead_spill,
 )
 from fuse_client.meta_client import MetaClient, open_meta_client
 from wire.config import Config
@@ -760,19 +761,15 @@ class FileClient:
         within a read-ahead window of it (only where its location is already known and
         no write of this client is open on it), so chunk boundaries do not drain the
         pipeline of reads."""
-        following = position // state.chunk_size + 1
-        left_in_chunk = following * state.chunk_size - position
-        window = self.settings.readahead_bytes
+        spill = readahead_spill(position, state.chunk_size, self.settings.readahead_bytes)
+        if spill is None:
+            return
+        following, length_bytes = spill
         located = state.located.get(following)
-        if (
-            left_in_chunk >= window
-            or following in state.active
-            or located is None
-            or not located.replicas
-        ):
+        if following in state.active or located is None or not located.replicas:
             return
         reader = self._reader(state, following, _placement_of_located(located), located.length)
-        reader.start_readahead(0, window - left_in_chunk)
+        reader.start_readahead(0, length_bytes)
 
     async def _read_chunk(
         self, state: _FileState, credentials: Credentials, index: int, within: int, size: int

@@ -25,6 +25,7 @@ from fuse_client.chunk_io import (
     DataserverPool,
     PipelineFailed,
     PlacedFile,
+    readahead_spill,
 )
 from tests.proc.dataserver_harness import KEY, FakeMetaserver
 from wire.address import Address
@@ -233,3 +234,11 @@ async def test_sequential_read_ahead_runs_into_the_next_chunk_and_stops_at_the_e
         ends = {0: CHUNK, 1: CHUNK, 2: CHUNK // 2}
         assert all(offset + length <= ends[index] for index, offset, length in requested), requested
         assert sorted(requested) == sorted(set(requested)), "no piece fetched twice"
+
+
+def test_readahead_spills_into_the_next_chunk_only_within_a_window_of_it() -> None:
+    window = 100
+    assert readahead_spill(CHUNK - window, CHUNK, window) is None
+    assert readahead_spill(CHUNK - window + 1, CHUNK, window) == (1, 1)
+    assert readahead_spill(CHUNK, CHUNK, window) is None
+    assert readahead_spill(2 * CHUNK - 10, CHUNK, window) == (2, 90)
