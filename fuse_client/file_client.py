@@ -620,16 +620,14 @@ class FileClient:
     ) -> WritableChunk:
         """:meth:`_open_for_write`, waiting (bounded) while the leader knows no live
         dataserver: after a failover it learns them from their next heartbeats."""
-        deadline = trio.current_time() + self.settings.no_replica_wait_s
-        delay_s = NO_REPLICA_DELAY_S_MIN
+        wait = _NoReplicaWait(self.settings.no_replica_wait_s)
         while True:
             try:
                 return await self._open_for_write(inode, index, credentials, exclude)
             except FileIoError as error:
-                if error.code != errno.ENOSPC or trio.current_time() > deadline:
+                if error.code != errno.ENOSPC or wait.expired():
                     raise
-            await trio.sleep(delay_s)
-            delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
+            await wait.pause()
 
     async def _recovering(
         self,
@@ -784,8 +782,7 @@ class FileClient:
                 return b""
             return await self._reader(state, index, active.placement()).read(within, length)
         attempt = 0
-        deadline = trio.current_time() + self.settings.no_replica_wait_s
-        delay_s = NO_REPLICA_DELAY_S_MIN
+        wait = _NoReplicaWait(self.settings.no_replica_wait_s)
         while True:
             located = await self._locate(state, credentials, index)
             if located is None or within >= located.length:
@@ -793,12 +790,11 @@ class FileClient:
             if not located.replicas:
                 # A new leader rebuilds replica locations from dataserver reports: wait
                 # for them rather than fail the read.
-                if trio.current_time() > deadline:
+                if wait.expired():
                     raise FileIoError(
                         errno.EIO, f"inode {state.inode} chunk {index}: no replica known"
                     )
-                await trio.sleep(delay_s)
-                delay_s = min(2 * delay_s, NO_REPLICA_DELAY_S_MAX)
+                await wait.pause()
                 state.forget_locations()
                 continue
             placement = _placement_of_located(located)
@@ -858,6 +854,23 @@ class FileClient:
             )
         except RpcError as error:
             log.warning("could not report a corrupt replica of chunk %#x: %s", chunk, error)
+
+
+class _NoReplicaWait:
+    """Doubling pauses (``NO_REPLICA_DELAY_S_MIN`` up to ``..._MAX``) for at most
+    ``wait_s`` while the leader knows no replica of a chunk: after a failover it learns
+    them from the dataservers' next reports.  Shared by reads and writes."""
+
+    def __init__(self, wait_s: float) -> None:
+        self._deadline = trio.current_time() + wait_s
+        self._delay_s = NO_REPLICA_DELAY_S_MIN
+
+    def expired(self) -> bool:
+        return trio.current_time() > self._deadline
+
+    async def pause(self) -> None:
+        await trio.sleep(self._delay_s)
+        self._delay_s = min(2 * self._delay_s, NO_REPLICA_DELAY_S_MAX)
 
 
 def _stamp(attr: Attr) -> tuple[int, int, int]:
