@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,18 @@ def _in_thread(action: object) -> tuple[threading.Thread, list[BaseException]]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, errors
+
+
+def _exclusive_waiting(store: ChunkStore) -> int:
+    entry = store._locks._locks.get(C1)
+    return 0 if entry is None else entry[0]._exclusive_waiting
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.001)
 
 
 def test_reads_of_one_chunk_run_side_by_side(
@@ -81,7 +93,7 @@ def test_a_waiting_write_goes_before_reads_that_come_after_it(
         order.append("write")
 
     writer, writer_errors = _in_thread(write)
-    time.sleep(0.1)  # let the writer reach the lock and wait there
+    _wait_until(lambda: _exclusive_waiting(store) == 1, "the writer waits for the chunk lock")
     late, late_errors = _in_thread(lambda: store.read(C1, V1, 2, 1))
     time.sleep(0.1)
     assert order == [], "the late read must wait behind the waiting write"
