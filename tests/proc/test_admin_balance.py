@@ -116,9 +116,10 @@ async def test_an_empty_dataserver_is_filled_by_balance_and_only_with_apply(
         assert newcomer_id not in involved and len(without["plan"]["servers"]) == 4
         assert on_disk(cluster) == stored
 
-        # --apply under a tight bandwidth cap, interrupted: no chunk below its goal.
+        # --apply under a tight bandwidth cap, interrupted: no chunk below its goal.  At
+        # 0.25 MiB/s a 256 KiB move reserves a second, so the run is still going at 3 s.
         slow = start_admin(
-            cluster, "balance", "--threshold", str(THRESHOLD_PCT), "--apply", "--bandwidth", "0.5"
+            cluster, "balance", "--threshold", str(THRESHOLD_PCT), "--apply", "--bandwidth", "0.25"
         )
         await trio.sleep(3.0)
         status, stderr = interrupt(slow)
