@@ -112,16 +112,30 @@ _YOUNG_LEADER = "a new metaserver leader is collecting chunk reports; retry"
 # ---------------------------------------------------------------- pure views of the state
 
 
+def counts_toward_goal(
+    state: ClusterState, chunk: ChunkId, dataserver: DataserverId, version: ChunkVersion
+) -> bool:
+    """True when ``dataserver``'s replica of ``chunk`` is a good one at ``version`` on a
+    counted server and no delete of it is under way (rule 2)."""
+    stored = state.replicas.get(chunk, {}).get(dataserver)
+    return (
+        stored is not None
+        and stored.version == version
+        and not stored.corrupt
+        and state.state_of(dataserver) in COUNTED_STATES
+        and not state.is_deleting(chunk, dataserver, version)
+    )
+
+
 def replica_counts(state: ClusterState, chunk: ChunkId, version: ChunkVersion) -> tuple[int, int]:
     """(counted, readable) good replicas of ``chunk`` at ``version`` (rule 2)."""
     counted = readable = 0
     for ds, stored in state.replicas.get(chunk, {}).items():
         if stored.version != version or stored.corrupt:
             continue
-        server_state = state.state_of(ds)
-        if server_state in READABLE_STATES:
+        if state.state_of(ds) in READABLE_STATES:
             readable += 1
-        if server_state in COUNTED_STATES and not state.is_deleting(chunk, ds, version):
+        if counts_toward_goal(state, chunk, ds, version):
             counted += 1
     return counted, readable
 
@@ -181,9 +195,7 @@ def drain_remaining(state: ClusterState, dataserver: DataserverId) -> tuple[int,
         if stored is None or stored.version != version or stored.corrupt:
             continue
         counted, _ = replica_counts(state, chunk, stored.version)
-        if state.state_of(dataserver) in COUNTED_STATES and not state.is_deleting(
-            chunk, dataserver, stored.version
-        ):
+        if counts_toward_goal(state, chunk, dataserver, stored.version):
             counted -= 1  # only the copies elsewhere
         if counted < ref.goal:
             chunks += 1
@@ -239,10 +251,7 @@ def chunk_status(
             length_bytes=stored.length_bytes,
             corrupt=stored.corrupt,
             stale=stored.version != current,
-            counted=stored.version == current
-            and not stored.corrupt
-            and state.state_of(ds) in COUNTED_STATES
-            and not state.is_deleting(info.chunk, ds, current),
+            counted=counts_toward_goal(state, info.chunk, ds, current),
             deleting=state.is_deleting(info.chunk, ds, stored.version),
         )
         for ds, stored in ordered[:REPLICAS_LISTED_MAX]
