@@ -43,7 +43,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tools.admin_client import AdminClient, AdminError
+from tools.admin_client import AdminClient, AdminError, match_dataserver
 from tools.admin_output import console, ds_id, human_bytes, human_seconds, print_json
 from wire.cluster_admin_ops import DataserverReport, MoveRequest, StoredReplica
 from wire.dataserver_ops import DELETE, DeleteRequest
@@ -456,8 +456,8 @@ async def gather_plan(
         if not quiet:
             console().print("the leader is collecting dataserver reports; waiting...")
         await trio.sleep(SAFE_MODE_POLL_S)
-    included = {(await client.find_dataserver(text)).dataserver_id for text in include}
-    excluded = {(await client.find_dataserver(text)).dataserver_id for text in exclude}
+    included = {match_dataserver(servers, text).dataserver_id for text in include}
+    excluded = {match_dataserver(servers, text).dataserver_id for text in exclude}
     chosen = [
         s
         for s in servers

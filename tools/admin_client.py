@@ -138,6 +138,25 @@ def join_path(parent: str, name: bytes) -> str:
     return f"/{text}" if parent == "/" else f"{parent}/{text}"
 
 
+def match_dataserver(servers: list[DataserverReport], text: str) -> DataserverReport:
+    """The one of ``servers`` named by ``text``: its id in hex (a unique prefix of at least
+    4 digits will do) or its HOST:PORT address; AdminError for none or several."""
+    by_address = [s for s in servers if s.address == text]
+    if by_address:
+        return by_address[0]
+    digits = text.lower().removeprefix("0x")
+    if len(digits) < 4 or any(c not in "0123456789abcdef" for c in digits):
+        raise AdminError(f"{text!r} is neither a dataserver id (hex) nor HOST:PORT")
+    matches = [s for s in servers if s.dataserver_id == int(digits, 16)]
+    if not matches:
+        matches = [s for s in servers if f"{s.dataserver_id:016x}".startswith(digits)]
+    if not matches:
+        raise AdminError(f"no dataserver {text} is known to the metaserver leader")
+    if len(matches) > 1:
+        raise AdminError(f"{text} names {len(matches)} dataservers; give more digits")
+    return matches[0]
+
+
 class AdminClient:
     """Calls of the admin tools into one cluster; open with :func:`open_admin_client`."""
 
@@ -173,23 +192,9 @@ class AdminClient:
             after = page.dataservers[-1].dataserver_id
 
     async def find_dataserver(self, text: str) -> DataserverReport:
-        """The dataserver named by ``text``: its id in hex (a unique prefix of at least 4
-        digits will do) or its HOST:PORT address."""
+        """The dataserver named by ``text`` (see :func:`match_dataserver`)."""
         servers, _ = await self.dataservers()
-        by_address = [s for s in servers if s.address == text]
-        if by_address:
-            return by_address[0]
-        digits = text.lower().removeprefix("0x")
-        if len(digits) < 4 or any(c not in "0123456789abcdef" for c in digits):
-            raise AdminError(f"{text!r} is neither a dataserver id (hex) nor HOST:PORT")
-        matches = [s for s in servers if s.dataserver_id == int(digits, 16)]
-        if not matches:
-            matches = [s for s in servers if f"{s.dataserver_id:016x}".startswith(digits)]
-        if not matches:
-            raise AdminError(f"no dataserver {text} is known to the metaserver leader")
-        if len(matches) > 1:
-            raise AdminError(f"{text} names {len(matches)} dataservers; give more digits")
-        return matches[0]
+        return match_dataserver(servers, text)
 
     async def set_mode(self, dataserver: DataserverId, mode: DataserverMode) -> DataserverReport:
         reply: DataserverReport = await self.meta.call(
