@@ -184,21 +184,18 @@ async def verify_chunk(
         for r in status.replicas
         if r.version == status.current_version and r.server_state in READ_STATES
     ]
-    reads: list[ReplicaRead] = []
+    reads: list[ReplicaRead | None] = [None] * len(targets)
 
-    async def read(address: str) -> None:
+    async def read(slot: int, address: str) -> None:
         async with reads_limit:
-            reads.append(
-                await client.read_replica(
-                    address, status.chunk, status.current_version, status.length, status.token
-                )
+            reads[slot] = await client.read_replica(
+                address, status.chunk, status.current_version, status.length, status.token
             )
 
     async with trio.open_nursery() as nursery:
-        for replica in targets:
-            nursery.start_soon(read, replica.address)
-    reads.sort(key=lambda r: [t.address for t in targets].index(r.address))
-    checks = compare_reads(status, reads)
+        for slot, replica in enumerate(targets):
+            nursery.start_soon(read, slot, replica.address)
+    checks = compare_reads(status, [r for r in reads if r is not None])
     problems = list(verdict.problems)
     for check in checks:
         if not check.ok:
