@@ -13,8 +13,9 @@ Methods:
 * :data:`CLUSTER_HEALTH` -- counters, the chunk-health matrix (goal x replicas, as
   MooseFS shows it) and the repair queue's progress.
 * :data:`LIST_DATASERVERS` -- one page of dataservers in id order.
-* :data:`SET_DATASERVER_STATE` -- decommission, maintenance, or back to normal (soft
-  state like the rest: a new leader starts with every dataserver normal).
+* :data:`SET_DATASERVER_STATE` -- decommission, maintenance, or back to normal (unlike
+  the rest, durable: the mode goes through the replicated log before the answer, so a
+  new leader keeps it; see :mod:`tools.admin_servers`).
 * :data:`FILE_CHUNKS` -- one page of a file's chunks with every known replica and its
   health, and a read token per chunk (``fsck``, ``fileinfo``).
 * :data:`LIST_REPLICAS` -- one page of a dataserver's replicas with their holders (the
