@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from tools.admin import _size
-from tools.admin_client import AdminError, ReplicaRead
+from tools.admin_client import AdminError, ReplicaRead, match_dataserver
 from tools.admin_fsck import chunk_converged, compare_reads, judge_chunk
 from tools.admin_output import human_bytes, human_seconds, json_ready
 from tools.admin_servers import follow_drain
@@ -290,3 +290,23 @@ async def test_following_a_drain_that_another_admin_cancels_fails(autojump_clock
     start = leader.report("decommissioning", 4)
     with pytest.raises(AdminError, match="was cancelled: it is live"):
         await follow_drain(leader, start, 60.0, quiet=True)  # type: ignore[arg-type]
+
+
+def test_a_dataserver_is_named_by_address_full_id_or_unique_prefix() -> None:
+    base = _DrainingLeader().report("live", 0)
+    servers = [
+        replace(base, dataserver_id=DataserverId(0xABCD1), address="127.0.0.1:7001"),
+        replace(base, dataserver_id=DataserverId(0xABCD2), address="127.0.0.1:7002"),
+        replace(base, dataserver_id=DataserverId(0xABCD), address="127.0.0.1:7003"),
+    ]
+    assert match_dataserver(servers, "127.0.0.1:7002") is servers[1]
+    assert match_dataserver(servers, "0xabcd") is servers[2]  # the whole id before prefixes
+    assert match_dataserver(servers, "00000000000abcd1") is servers[0]
+    assert match_dataserver(servers, "00000000000ABCD2") is servers[1]
+    for text, complaint in (
+        ("abc", "neither a dataserver id"),
+        ("00000000000abc", "names 2 dataservers"),
+        ("ffff", "no dataserver ffff"),
+    ):
+        with pytest.raises(AdminError, match=complaint):
+            match_dataserver(servers, text)
