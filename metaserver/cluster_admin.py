@@ -26,7 +26,6 @@ import errno
 import heapq
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -40,6 +39,7 @@ from metaserver.cluster_state import (
     ClusterCounters,
     ClusterState,
     DataserverStatus,
+    ReadToken,
     ServerState,
 )
 from metaserver.replica import Replica
@@ -235,7 +235,7 @@ def chunk_status(
     state: ClusterState,
     info: ChunkInfo,
     goal: int,
-    token: Callable[[ChunkId, ChunkVersion], ChunkToken],
+    token: ReadToken,
 ) -> ChunkStatus:
     """One chunk of a file as the replica map knows it; ``goal`` is the file's."""
     current, _ = state.locate(info.chunk, info.version)
