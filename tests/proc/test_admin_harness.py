@@ -61,10 +61,26 @@ async def admin_json(cluster: Cluster, *args: str, expect: int = 0) -> Any:
     return result.json()
 
 
+def _sigint_as_in_a_shell() -> None:
+    """In the child, before exec: SIGINT back to its default, as an interactive shell gives
+    a command.  An ignored signal stays ignored across exec, and a test runner started as
+    a background job of a non-interactive shell (``sh -c 'make test &'``) ignores SIGINT;
+    Python then installs no KeyboardInterrupt handler, and :func:`interrupt` would do
+    nothing (the tool runs to the end and exits 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_admin(cluster: Cluster, *args: str) -> subprocess.Popen[bytes]:
-    """Start ``paxfs admin ARGS`` without waiting (to interrupt it)."""
+    """Start ``paxfs admin ARGS`` without waiting (to interrupt it), with SIGINT at its
+    default whatever this process inherited."""
     argv = [sys.executable, "-m", "tools.cli", "admin", *args, "-c", str(cluster.group.config_path)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        preexec_fn=_sigint_as_in_a_shell,
+    )
 
 
 def interrupt(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> tuple[int, str]:
