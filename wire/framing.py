@@ -6,9 +6,10 @@ A frame is::
 
 The header is a small msgpack value (an RPC envelope).  The payload is bulk
 data (chunk contents) that never passes through msgpack: it is written with
-``send_all`` straight from the caller's buffer and read into one preallocated
-buffer, so megabytes are copied once by the kernel and once into that buffer,
-with no Python loop over bytes or blocks.
+``writev`` straight from the caller's buffer and read with ``readv`` straight
+into its own buffer, so megabytes are copied once by the kernel on each side,
+with no Python loop over bytes or blocks.  Payload buffers are recycled
+(:class:`PayloadBuffers`) once their receiver has dropped them.
 
 Every length is checked against :class:`FrameLimits` *before* anything is
 allocated; a violation raises :class:`~wire.errors.ProtocolError`, and the
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +34,9 @@ from wire.errors import ProtocolError
 PREFIX = struct.Struct(">II")
 PREFIX_BYTES = PREFIX.size
 RECEIVE_BYTES = 256 * 1024
+"""Capacity of a reader's receive buffer: one ``readv`` takes many small frames at once."""
+RECEIVE_ROOM_BYTES_MIN = 64 * 1024
+"""Below this much free room at its end, the receive buffer is compacted before a read."""
 SMALL_PART_BYTES = 64 * 1024
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 """Most buffers one ``writev`` takes."""
@@ -39,6 +45,15 @@ QUEUED_BYTES_MAX = 1024 * 1024
 caller then waits in :meth:`FrameWriter.send`): what a peer that stops reading costs."""
 
 Payload = bytes | bytearray | memoryview
+
+RECYCLED_PAYLOAD_BYTES_MIN = 64 * 1024
+"""Payloads below this size get a fresh buffer: small allocations are cheap."""
+RECYCLED_PAYLOAD_BYTES_MAX = 16 * 1024 * 1024
+"""Payloads above this size (rare: no chunk read or write piece is that large) get a
+fresh buffer, so that one of them does not stay allocated for good."""
+SPARE_PAYLOAD_BYTES_MAX = 64 * 1024 * 1024
+"""Bytes of payload buffers a process keeps for reuse, busy or free: room for a client's
+read-ahead window of 4 MiB pieces and the pieces arriving behind it."""
 
 
 @dataclass(frozen=True)
@@ -149,42 +164,134 @@ def _os_error(error: OSError, sock: trio.socket.SocketType) -> Exception:
     return trio.BrokenResourceError(error)
 
 
+def _unreferenced_count() -> int:
+    """What ``sys.getrefcount(spares[index])`` says of an object only ``spares`` holds."""
+    spares = [bytearray(1)]
+    index = 0
+    return sys.getrefcount(spares[index])
+
+
+_UNREFERENCED = _unreferenced_count()
+
+
+class PayloadBuffers:
+    """Buffers for received payloads, reused once their receiver has let go of them.
+
+    A fresh multi-MiB ``bytearray`` is zero-filled and, being fresh memory, faults in
+    page by page: on the read path that cost more CPU than the kernel's copy of the
+    bytes.  A buffer handed out belongs to the receiver as long as anything refers to
+    it (the bytearray, a memoryview or slice of one, a C-level export, which all hold a
+    reference); the pool takes it back only when its own list holds the last reference,
+    which CPython's reference count says exactly.  Nothing is zeroed on reuse: the
+    reader overwrites every byte before the payload is handed out.
+
+    Only payloads of ``RECYCLED_PAYLOAD_BYTES_MIN`` to ``RECYCLED_PAYLOAD_BYTES_MAX``
+    bytes are pooled, at most ``spare_bytes_max`` bytes in all; a free buffer of another
+    size gives way to a new one.  Thread-safe (one pool may serve trio loops in several
+    threads): a buffer is found free and handed out under one lock.
+    """
+
+    def __init__(self, spare_bytes_max: int = SPARE_PAYLOAD_BYTES_MAX) -> None:
+        self._spare_bytes_max = spare_bytes_max
+        self._spares: list[bytearray] = []
+        self._spare_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of the buffers kept, in use or free."""
+        return self._spare_bytes
+
+    def take(self, length: int) -> bytearray:
+        """A buffer of exactly ``length`` bytes, with arbitrary contents, for the caller alone."""
+        if not RECYCLED_PAYLOAD_BYTES_MIN <= length <= RECYCLED_PAYLOAD_BYTES_MAX:
+            return bytearray(length)
+        with self._lock:
+            spares = self._spares
+            unused = -1
+            for index in range(len(spares)):
+                if sys.getrefcount(spares[index]) == _UNREFERENCED:
+                    if len(spares[index]) == length:
+                        return spares[index]
+                    unused = index
+            buffer = bytearray(length)
+            if self._spare_bytes + length > self._spare_bytes_max and unused >= 0:
+                self._spare_bytes -= len(spares.pop(unused))
+            if self._spare_bytes + length <= self._spare_bytes_max:
+                spares.append(buffer)
+                self._spare_bytes += length
+            return buffer
+
+
+PAYLOAD_BUFFERS = PayloadBuffers()
+"""The process's payload buffers, shared by every reader."""
+
+
 class FrameReader:
     """Reads whole frames from a stream, enforcing :class:`FrameLimits`.
 
     ``limits`` may be replaced between frames: a connection reads its
     handshake under tight limits and then widens them, keeping whatever the
     reader has already buffered.
+
+    Bytes arrive in a receive buffer of ``RECEIVE_BYTES`` (grown for a longer
+    header), read into in place, so a burst of small frames costs one system call;
+    a payload that does not fit what is buffered is read straight into its own
+    buffer from ``buffers``.
     """
 
-    def __init__(self, stream: trio.abc.ReceiveStream, limits: FrameLimits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        limits: FrameLimits = DEFAULT_LIMITS,
+        buffers: PayloadBuffers = PAYLOAD_BUFFERS,
+    ):
         self._stream = stream
         self._socket = _socket_of(stream)
         self.limits = limits
-        self._buffer = bytearray()
-        self._position = 0
+        self._buffers = buffers
+        self._buffer = bytearray(RECEIVE_BYTES)
+        self._start = 0
+        """First unread byte of ``_buffer``."""
+        self._end = 0
+        """End of the bytes received into ``_buffer``."""
 
     async def _fill(self, needed: int) -> bool:
         """Make at least ``needed`` unread bytes available; False on a clean EOF."""
-        while len(self._buffer) - self._position < needed:
-            if self._position:
-                del self._buffer[: self._position]
-                self._position = 0
-            data = await self._receive_some(max(RECEIVE_BYTES, needed))
-            if not data:
-                if self._buffer:
+        while self._end - self._start < needed:
+            if self._start == self._end:
+                self._start = self._end = 0
+            if self._end + RECEIVE_ROOM_BYTES_MIN > len(self._buffer) or (
+                self._start + needed > len(self._buffer)
+            ):
+                self._make_room(needed)
+            received = await self._receive_into(memoryview(self._buffer)[self._end :])
+            if not received:
+                if self._end > self._start:
                     raise ProtocolError("connection closed in the middle of a frame")
                 return False
-            self._buffer += data
+            self._end += received
         return True
 
-    async def _receive_some(self, size: int) -> bytes | bytearray:
+    def _make_room(self, needed: int) -> None:
+        """Move the unread bytes (fewer than ``needed``) to the front, in a larger buffer
+        if ``needed`` asks, leaving at least ``RECEIVE_ROOM_BYTES_MIN`` free behind them."""
+        unread = bytes(memoryview(self._buffer)[self._start : self._end])
+        if needed + RECEIVE_ROOM_BYTES_MIN > len(self._buffer):
+            self._buffer = bytearray(needed + RECEIVE_ROOM_BYTES_MIN)
+        self._buffer[: len(unread)] = unread
+        self._start, self._end = 0, len(unread)
+
+    async def _receive_into(self, view: memoryview) -> int:
+        """Receive at most ``len(view)`` bytes into ``view``; 0 at the end of the stream."""
         sock = self._socket
         if sock is None:
-            return await self._stream.receive_some(size)
+            data = await self._stream.receive_some(len(view))
+            view[: len(data)] = data
+            return len(data)
         while True:
             try:
-                data = os.read(sock.fileno(), size)
+                received = os.readv(sock.fileno(), [view])
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 continue
@@ -193,13 +300,13 @@ class FrameReader:
             # Data was there at once: yield anyway, so that a peer that never stops
             # sending cannot starve this process's other tasks (as trio's recv does).
             await trio.lowlevel.checkpoint()
-            return data
+            return received
 
     async def receive(self) -> tuple[Any, Payload | None] | None:
         """Return ``(header, payload or None)``, or None when the peer closed cleanly."""
         if not await self._fill(PREFIX_BYTES):
             return None
-        header_length, payload_length = PREFIX.unpack_from(self._buffer, self._position)
+        header_length, payload_length = PREFIX.unpack_from(self._buffer, self._start)
         if header_length == 0 or header_length > self.limits.header_bytes_max:
             raise ProtocolError(
                 f"frame header of {header_length} bytes (limit {self.limits.header_bytes_max})"
@@ -208,41 +315,35 @@ class FrameReader:
             raise ProtocolError(
                 f"frame payload of {payload_length} bytes (limit {self.limits.payload_bytes_max})"
             )
-        self._position += PREFIX_BYTES
+        self._start += PREFIX_BYTES
         if not await self._fill(header_length):
             raise ProtocolError("connection closed in the middle of a frame")
-        start = self._position
-        self._position += header_length
-        header = decode_header(memoryview(self._buffer)[start : self._position], self.limits)
+        start = self._start
+        self._start += header_length
+        header = decode_header(memoryview(self._buffer)[start : self._start], self.limits)
         if payload_length == 0:
             return header, None
         return header, await self._receive_payload(payload_length)
 
     async def _receive_payload(self, length: int) -> Payload:
-        buffered = len(self._buffer) - self._position
+        buffered = self._end - self._start
         if buffered >= length:
-            end = self._position + length
-            payload = bytes(memoryview(self._buffer)[self._position : end])
-            self._position = end
-            return payload
-        payload = bytearray(length)
+            end = self._start + length
+            small = bytes(memoryview(self._buffer)[self._start : end])
+            self._start = end
+            return small
+        payload = self._buffers.take(length)
         view = memoryview(payload)
-        view[:buffered] = memoryview(self._buffer)[self._position :]
-        self._buffer.clear()
-        self._position = 0
+        view[:buffered] = memoryview(self._buffer)[self._start : self._end]
+        self._start = self._end = 0
         filled = buffered
-        sock = getattr(self._stream, "socket", None)
         while filled < length:
-            if sock is not None:
-                # Straight from the kernel into the payload buffer: one copy.
-                received = await sock.recv_into(view[filled:])
-            else:
-                data = await self._stream.receive_some(length - filled)
-                received = len(data)
-                view[filled : filled + received] = data
+            # Straight from the kernel into the payload buffer: one copy.
+            received = await self._receive_into(view[filled:])
             if not received:
                 raise ProtocolError("connection closed in the middle of a payload")
             filled += received
+        view.release()
         return payload
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 
 import msgpack
@@ -12,7 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wire.errors import ProtocolError
-from wire.framing import FrameLimits, FrameReader, FrameWriter
+from wire.framing import (
+    DEFAULT_LIMITS,
+    RECEIVE_BYTES,
+    RECYCLED_PAYLOAD_BYTES_MAX,
+    RECYCLED_PAYLOAD_BYTES_MIN,
+    FrameLimits,
+    FrameReader,
+    FrameWriter,
+    PayloadBuffers,
+)
 
 LIMITS = FrameLimits(
     header_bytes_max=4096,
@@ -218,3 +229,107 @@ def test_a_direct_send_in_progress_when_the_flusher_starts_is_not_interleaved() 
         assert second is not None and second[0] == ["queued"]
 
     trio.run(run)
+
+
+# ---- receiving over a real socket (the readv path) and recycled payload buffers
+
+
+async def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def test_frames_of_every_size_arrive_intact_over_a_socket() -> None:
+    """Payloads shorter and longer than the receive buffer, headers that straddle its
+    end, and bursts of small frames, all read with readv on the descriptor."""
+    seed = int(os.environ.get("PAXFS_SEED", random.randrange(1 << 32)))
+    print(f"PAXFS_SEED={seed}")
+    rng = random.Random(seed)
+    sizes = [0, 1, 100, RECEIVE_BYTES - 7, RECEIVE_BYTES + 13, 3 * RECEIVE_BYTES]
+    sizes += [rng.randrange(0, 3 * RECEIVE_BYTES) for _ in range(40)]
+    sizes += [rng.randrange(0, 64) for _ in range(200)]
+    frames = [
+        ([index, "x" * rng.randrange(0, 300)], rng.randbytes(size))
+        for index, size in enumerate(sizes)
+    ]
+    send, receive = await _socket_pair()
+    reader = FrameReader(receive, DEFAULT_LIMITS, PayloadBuffers())
+    received: list[tuple[object, bytes | None]] = []
+
+    async def read_all() -> None:
+        for _ in frames:
+            frame = await reader.receive()
+            assert frame is not None
+            header, payload = frame
+            received.append((header, None if payload is None else bytes(payload)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        writer = FrameWriter(send)
+        for header, payload in frames:
+            await writer.send(header, payload or None)
+    assert received == [(header, payload or None) for header, payload in frames]
+
+
+async def test_a_payload_held_by_its_receiver_is_never_overwritten() -> None:
+    """The pool hands a buffer out again only after every reference to it is gone: a
+    payload kept (or a view of it kept) reads the same after later payloads arrive."""
+    size = 2 * RECEIVE_BYTES
+    send, receive = await _socket_pair()
+    buffers = PayloadBuffers()
+    reader = FrameReader(receive, DEFAULT_LIMITS, buffers)
+    writer = FrameWriter(send)
+    kept: list[tuple[bytes, bytearray | memoryview]] = []
+    async with trio.open_nursery() as nursery:
+        for fill in range(8):
+            content = bytes([fill]) * size
+            nursery.start_soon(writer.send, [fill], content)
+            frame = await reader.receive()
+            assert frame is not None and isinstance(frame[1], bytearray)
+            if fill % 3 == 0:
+                kept.append((content, frame[1]))
+            elif fill % 3 == 1:
+                kept.append((content[size // 2 :], memoryview(frame[1])[size // 2 :]))
+            del frame
+    assert buffers.spare_bytes > 0
+    for content, held in kept:
+        assert bytes(held) == content
+
+
+async def test_a_payload_buffer_is_reused_once_its_receiver_drops_it() -> None:
+    size = 2 * RECEIVE_BYTES
+    send, receive = await _socket_pair()
+    buffers = PayloadBuffers()
+    reader = FrameReader(receive, DEFAULT_LIMITS, buffers)
+    writer = FrameWriter(send)
+    identities = set()
+    async with trio.open_nursery() as nursery:
+        for fill in range(5):
+            nursery.start_soon(writer.send, [fill], bytes([fill]) * size)
+            frame = await reader.receive()
+            assert frame is not None and frame[1] == bytes([fill]) * size
+            identities.add(id(frame[1]))
+            del frame
+    assert len(identities) == 1
+    assert buffers.spare_bytes == size
+
+
+def test_payload_buffers_stay_within_their_limit() -> None:
+    """Buffers beyond the limit are handed out but not kept; a free buffer of another
+    size gives way to a new one; small and huge payloads are never pooled."""
+    size = RECYCLED_PAYLOAD_BYTES_MIN
+    buffers = PayloadBuffers(spare_bytes_max=3 * size)
+    held = [buffers.take(size) for _ in range(5)]
+    assert len({id(buffer) for buffer in held}) == 5
+    assert buffers.spare_bytes == 3 * size
+    assert len(buffers.take(size - 1)) == size - 1
+    assert buffers.spare_bytes == 3 * size
+    huge = PayloadBuffers()
+    assert len(huge.take(RECYCLED_PAYLOAD_BYTES_MAX + 1)) == RECYCLED_PAYLOAD_BYTES_MAX + 1
+    assert huge.spare_bytes == 0
+    first = id(held.pop(0))
+    again = buffers.take(size)
+    assert id(again) == first
+    del again
+    assert len(buffers.take(2 * size)) == 2 * size
+    assert buffers.spare_bytes == 2 * size
