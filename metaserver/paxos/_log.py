@@ -114,6 +114,9 @@ class ConfigHistory:
     def relevant(self, commit_index: int) -> list[Membership]:
         """Memberships governing ``commit_index + 1 .. commit_index + window`` (all
         known epochs that are not yet superseded at ``commit_index + 1``)."""
+        last = self._epochs[-1]
+        if last.effective_slot <= commit_index + 1:
+            return [last.membership]  # no change pending: the one in force
         result = [self.for_slot(commit_index + 1)]
         for epoch in self._epochs:
             if epoch.effective_slot > commit_index + 1:

@@ -161,6 +161,8 @@ class _LeaderState:
     heartbeat_sent_ms: dict[int, int] = field(default_factory=dict)
     heartbeat_due: bool = False
     next_heartbeat_ms: int = 0
+    commit_news_due_ms: int | None = None
+    """When peers that no Accept or Heartbeat told of the commit index get a lone Commit."""
     next_prepare_retry_ms: int = 0
     lease_expires_ms: int | None = None
 
@@ -1321,6 +1323,7 @@ class PaxosNode:
             ls.base_slot = Slot(self._commit + 1)
             ls.next_slot = ls.base_slot
             ls.reports = {s: v for s, v in ls.reports.items() if s > self._commit}
+            self._arm_commit_news(ls)
         self._update_leader_ready()
 
     def _update_leader_ready(self) -> None:
@@ -1370,6 +1373,7 @@ class PaxosNode:
             inflight = ls.inflight.pop(slot)
             if inflight.entry.kind == EntryKind.MEMBERSHIP:
                 ls.membership_inflight -= 1
+        self._arm_commit_news(ls)
         self._commit_through(Slot(new_commit))
 
     def _leader_tick(self) -> None:
@@ -1396,7 +1400,7 @@ class PaxosNode:
             self._leader_check_progress()  # keeps asking the promiser ahead of us
 
     def _prepare_outputs(self) -> None:
-        """Turn queued proposals into slots, and send heartbeats and commit news."""
+        """Turn queued proposals into slots, and send heartbeats and due commit news."""
         ls = self._ls
         if self._role != Role.LEADER or ls is None:
             return
@@ -1404,16 +1408,31 @@ class PaxosNode:
             self._flush_proposals(ls)
         if ls.heartbeat_due:
             self._broadcast_heartbeat(ls)
-        if ls.active:
+        due = ls.commit_news_due_ms
+        if due is not None and self._now_ms >= due and ls.active:
+            ls.commit_news_due_ms = None
             for node in self._targets():
                 peer = self._peer(node)
                 if peer.commit_sent < self._commit:
                     peer.commit_sent = self._commit
                     self._send(node, Commit(self._id, ls.ballot, self._commit, ls.base_slot))
 
+    def _arm_commit_news(self, ls: _LeaderState) -> None:
+        """The commit index moved: peers hear of it from the next Accept or Heartbeat, or
+        from a lone Commit once ``commit_delay_ms`` has passed (see PaxosOptions)."""
+        if ls.commit_news_due_ms is None:
+            ls.commit_news_due_ms = self._now_ms + self._options.commit_delay_ms
+
     def _flush_proposals(self, ls: _LeaderState) -> None:
         configs = self._configs
         assert configs is not None
+        if (
+            not self._queue
+            and self._membership_queued is None
+            and ls.next_slot > ls.max_reported_slot
+            and configs.pending(self._commit) is None
+        ):
+            return  # _next_entry has nothing for the next slot (the common, idle case)
         first_new = ls.next_slot
         limit = self._commit + self._options.window_slots
         while ls.next_slot <= limit:

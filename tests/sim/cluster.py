@@ -18,6 +18,7 @@ Same seed, same run: every failure names its seed and replays from it alone.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections.abc import Callable
@@ -129,7 +130,7 @@ class SimConfig:
             log_retain_slots=rng.choice((0, 5, 50)),
             learner_lag_slots_max=8,
         )
-        return SimConfig(
+        config = SimConfig(
             seed=seed,
             replicas=rng.choice((3, 3, 5)),
             options=options,
@@ -151,6 +152,13 @@ class SimConfig:
             bitflip=rng.random() < 0.15,
             snapshot_every_slots=rng.choice((8, 20, 60)),
             drift_ppm_max=drift_ppm_max,
+        )
+        # Drawn last so that every other draw of a seed stays what it was before the
+        # delay existed: 0 (commit news at once), shorter than a tick, or a whole
+        # heartbeat interval (news only with Accepts and Heartbeats).
+        commit_delay_ms = rng.choice((0, 3, 20))
+        return dataclasses.replace(
+            config, options=dataclasses.replace(options, commit_delay_ms=commit_delay_ms)
         )
 
 

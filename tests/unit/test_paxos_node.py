@@ -30,7 +30,15 @@ from metaserver.paxos import (
     Slot,
     initial_snapshot_meta,
 )
-from metaserver.paxos.messages import Accept, Accepted, Nack, Prepare, ProbeReply, ProbeRequest
+from metaserver.paxos.messages import (
+    Accept,
+    Accepted,
+    Commit,
+    Nack,
+    Prepare,
+    ProbeReply,
+    ProbeRequest,
+)
 from metaserver.paxos.records import AcceptedRecord, CommitRecord, PromiseRecord
 from metaserver.paxos.types import NOOP_ENTRY, Entry
 from tests.sim.interaction import InteractionEnv
@@ -122,6 +130,63 @@ def test_the_leader_counts_its_own_vote_only_after_advance() -> None:
     second = leader.ready()
     assert [c.commands for c in second.committed] == [(b"x",)]
     assert CommitRecord(Slot(1)) in second.records
+
+
+def _commits(env: InteractionEnv) -> list[str]:
+    """Process node 1's Ready; the Commit messages it sends, as text."""
+    return [line for line in env.run("process-ready 1").splitlines() if "Commit b=" in line]
+
+
+def test_commit_news_rides_on_the_next_accept_instead_of_a_commit_message() -> None:
+    env = group(batch="1", **{"commit-delay": "5"})
+    leader = elect(env)
+    follower = env.owners[N2].node
+    assert follower is not None
+    for command in (b"a", b"b", b"c"):
+        leader.propose(command)
+        env.run("process-ready 1")
+        env.run("deliver-msgs")
+        env.run("process-ready 2 3")
+        env.run("deliver-msgs")
+        assert _commits(env) == [], "the commit must wait for the next Accept"
+    assert leader.commit_index == 3
+    assert follower.applied_index == 2, "each Accept told the followers of the slot before"
+    leader.propose(b"d")
+    env.run("process-ready 1")
+    accepts = [o.message for _sender, o in env.queue if isinstance(o.message, Accept)]
+    assert {a.commit_index for a in accepts} == {3}
+
+
+def test_commit_news_goes_alone_once_the_delay_passes_without_traffic() -> None:
+    env = group(batch="1", **{"commit-delay": "5"})
+    leader = elect(env)
+    leader.propose(b"a")
+    env.run("stabilize")
+    follower = env.owners[N2].node
+    assert follower is not None and leader.commit_index == 1
+    assert follower.applied_index == 0, "nobody told the follower yet"
+    env.run("tick 4 1")
+    assert _commits(env) == []
+    env.run("tick 1 1")
+    assert _commits(env) == [
+        "    1->2 Commit b=1.1 commit=1 base=1",
+        "    1->3 Commit b=1.1 commit=1 base=1",
+    ]
+    env.run("stabilize")
+    assert follower.applied_index == 1
+
+
+def test_without_a_delay_commit_news_leaves_at_once() -> None:
+    env = group(batch="1")
+    leader = elect(env)
+    leader.propose(b"a")
+    env.run("process-ready 1")
+    env.run("deliver-msgs")
+    env.run("process-ready 2 3")
+    env.run("deliver-msgs")
+    ready = leader.ready()
+    commits = [o.message for o in ready.messages if isinstance(o.message, Commit)]
+    assert [(c.commit_index, c.commit_base) for c in commits] == [(1, 1), (1, 1)]
 
 
 def test_a_deposed_leader_drops_its_queue_and_says_so() -> None:
@@ -362,6 +427,8 @@ def test_options_reject_inconsistent_settings() -> None:
         PaxosOptions(lease_ms=500, election_timeout_ms=500)
     with pytest.raises(PaxosInvariantError):
         PaxosOptions(heartbeat_interval_ms=100, election_timeout_ms=150)
+    with pytest.raises(PaxosInvariantError):
+        PaxosOptions(commit_delay_ms=-1)
 
 
 def test_the_leader_lease_is_shortened_by_the_drift_bound() -> None:
