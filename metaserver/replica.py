@@ -9,8 +9,9 @@ takes each Ready and does what it asks:
 2. send at once the messages that reveal nothing of this Ready's records -- the
    leader's Accept, Commit and Heartbeat requests at a ballot already durable here --
    so that the followers' fsync runs in parallel with the leader's own (Raft thesis
-   10.2.1); the peer links write them before the next step when idle; commit news
-   alone waits for the next message to that peer or the next tick;
+   10.2.1); the peer links write them before the next step when idle (commit news
+   rides on the next Accept or Heartbeat: the core sends a lone Commit only after
+   ``PaxosOptions.commit_delay_ms`` without either);
 3. make the records durable: written and synced right here when the log writer is
    idle (:meth:`~metaserver.storage.MetaStorage.append_now`: ~0.1 ms, cheaper than two
    thread hand-offs on every commit), otherwise queued for the writer thread (group
@@ -105,6 +106,10 @@ from wire.rpc import Deferred
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_MS = 10
+"""How often a leader or candidate ticks its core: heartbeats, commit news, elections."""
+FOLLOWER_TICK_INTERVAL_MS = 25
+"""How often a follower ticks: only its election deadline (hundreds of ms away) and
+catch-up retries need time to pass there, and every tick costs a timer and a wake-up."""
 COMMIT_RECORD_DELAY_MS = 100
 """Longest a commit-index record waits for other records to share their fsync."""
 MEMBERSHIP_WAIT_S_MAX = 30.0
@@ -181,7 +186,6 @@ class Replica:
         self.applied_index = node.applied_index
         """Last slot applied to ``namespace`` (behind the core's while a backlog waits)."""
         self._durable_ballot: Ballot = node.promised
-        self._deferred_commits: dict[NodeId, Commit] = {}
         self._commit_record: CommitRecord | None = None
         self._commit_record_since_ms = 0
         self._proposals: dict[bytes, deque[_Waiter]] = defaultdict(deque)
@@ -253,7 +257,10 @@ class Replica:
         now = self.now_ms()
         for message in messages:
             self.node.step(message, now)
-        self._kick()
+        if self.node.has_ready():
+            # Most replies change nothing to do (the vote after the quorum, a heartbeat
+            # ack): the driver sleeps on instead of waking for an empty round.
+            self._kick()
 
     async def _record_heard(self, sender: int) -> None:
         pending = self._heard_pending.get(sender)
@@ -467,17 +474,19 @@ class Replica:
 
     async def _tick_loop(self) -> None:
         while True:
-            await trio.sleep(TICK_INTERVAL_MS / 1000)
-            self._flush_deferred_commits()
-            self.node.tick(self.now_ms())
-            self._kick()
+            follower = self.node.role == Role.FOLLOWER
+            await trio.sleep((FOLLOWER_TICK_INTERVAL_MS if follower else TICK_INTERVAL_MS) / 1000)
+            now = self.now_ms()
+            self.node.tick(now)
+            if self.node.has_ready() or self._commit_record_due(now):
+                self._kick()
 
     async def _drive(self) -> None:
         while True:
             await self._kicked.wait()
             self._kicked = trio.Event()
             self._drain_backlog()
-            await self._flush_commit_record(COMMIT_RECORD_DELAY_MS)
+            await self._flush_commit_record()
             while self.node.has_ready():
                 ready = self.node.ready()
                 await self._handle(ready)
@@ -492,13 +501,15 @@ class Replica:
         ticket = None
         held: tuple[Any, ...] = ()
         records = ready.records
-        if records and all(type(r) is CommitRecord for r in records):
+        only = records[0] if len(records) == 1 else None
+        if isinstance(only, CommitRecord):
             # Nothing waits for a commit index to be durable: the slots are chosen (a
             # quorum holds them), and the record only shortens recovery.  It rides with
-            # the next records, or goes alone after COMMIT_RECORD_DELAY_MS.
+            # the next records, or goes alone after COMMIT_RECORD_DELAY_MS.  (A Ready
+            # holds at most one CommitRecord, after any other record.)
             if self._commit_record is None:
                 self._commit_record_since_ms = self.now_ms()
-            self._commit_record = records[-1]
+            self._commit_record = only
             records = ()
         elif records and self._commit_record is not None:
             records = (self._commit_record, *records)
@@ -550,25 +561,19 @@ class Replica:
                 continue
             by_peer[outbound.to].append(message)
         for peer, batch in by_peer.items():
-            if all(type(message) is Commit for message in batch):
-                # Commit news alone is not urgent (no reply waits on a follower's apply)
-                # and cumulative: keep the latest for the next batch or tick.
-                self._deferred_commits[peer] = batch[-1]
-                continue
-            deferred = self._deferred_commits.pop(peer, None)
-            if deferred is not None:
-                batch.insert(0, deferred)
             self._send_messages(peer, batch)
         return tuple(held)
 
-    def _flush_deferred_commits(self) -> None:
-        deferred, self._deferred_commits = self._deferred_commits, {}
-        for peer, message in deferred.items():
-            self._send_messages(peer, [message])
+    def _commit_record_due(self, now_ms: int) -> bool:
+        """A commit-index record waited COMMIT_RECORD_DELAY_MS for others to ride with."""
+        return (
+            self._commit_record is not None
+            and now_ms - self._commit_record_since_ms >= COMMIT_RECORD_DELAY_MS
+        )
 
-    async def _flush_commit_record(self, older_than_ms: int) -> None:
+    async def _flush_commit_record(self) -> None:
         record = self._commit_record
-        if record is not None and self.now_ms() - self._commit_record_since_ms >= older_than_ms:
+        if record is not None and self._commit_record_due(self.now_ms()):
             self._commit_record = None
             await self._storage.submit([encode_record(record)])
 

@@ -243,6 +243,28 @@ async def test_a_promise_waits_for_its_fsync_but_accept_requests_do_not(tmp_path
             gate.open.set()
 
 
+async def test_followers_apply_every_acknowledged_write_once_writes_stop(tmp_path: Path) -> None:
+    # Commit news rides on the next Accept; after the last write nothing carries it but
+    # the lone Commit the core sends after its delay (or a heartbeat): the tick loop
+    # must still wake the driver to send it, or the followers lag behind until then.
+    async with replica_group(tmp_path, (1, 2, 3)) as group:
+        await wait_for(lambda: leader_of(group) is not None, "a leader")
+        leader = leader_of(group)
+        assert leader is not None
+        client = await open_session(leader)
+        for seq in range(5):
+            await leader.submit(mknod(client, seq, b"w%d" % seq))
+        followers = [r for r in group.replicas.values() if r is not leader]
+        target = leader.applied_index
+        await wait_for(
+            lambda: all(f.applied_index >= target for f in followers),
+            "the followers to apply the last write",
+        )
+        for follower in followers:
+            found = follower.namespace.query(Lookup(ROOT_INODE, b"w4"), ROOT_CREDENTIALS)
+            assert isinstance(found, EntryReply)
+
+
 async def test_the_first_message_of_a_peer_is_recorded_durably_before_it_is_used(
     tmp_path: Path,
 ) -> None:
