@@ -407,12 +407,9 @@ class FrameWriter:
         reads them).  Whether the frame is then written is not reported: a failed
         write breaks the writer, and the owner closes the connection.
         """
-        if self.broken or not self._flusher_running or self._queued_bytes >= QUEUED_BYTES_MAX:
+        if not self._may_queue():
             return False
-        frame = frame_prefix(pack_header(header), 0)
-        self._queue.append(frame)
-        self._queued_bytes += len(frame)
-        self._work.set()
+        self._queue_frame(frame_prefix(pack_header(header), 0))
         return True
 
     def send_nowait(self, header: Any) -> bool:
@@ -420,7 +417,7 @@ class FrameWriter:
         queue it behind what does), without yielding; False when :meth:`queue` would
         refuse.  For a sender that batches by itself and wants no task switch before
         the bytes leave (a replica about to block on its own fsync)."""
-        if self.broken or not self._flusher_running or self._queued_bytes >= QUEUED_BYTES_MAX:
+        if not self._may_queue():
             return False
         frame: Payload = frame_prefix(pack_header(header), 0)
         if self._socket is not None and not self._queue and not self._lock.locked():
@@ -433,10 +430,17 @@ class FrameWriter:
             if not rest:
                 return True
             frame = rest[0]  # the kernel took part of it: the flusher sends the rest
+        self._queue_frame(frame)
+        return True
+
+    def _may_queue(self) -> bool:
+        """Whether :meth:`queue` and :meth:`send_nowait` may take a frame now."""
+        return not self.broken and self._flusher_running and self._queued_bytes < QUEUED_BYTES_MAX
+
+    def _queue_frame(self, frame: Payload) -> None:
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         self._work.set()
-        return True
 
     async def run_flusher(self) -> None:
         """Write queued frames until the stream breaks; run it in the connection's nursery."""
