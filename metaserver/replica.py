@@ -350,10 +350,8 @@ class Replica:
         committed; otherwise through the core's read-index confirmation.
         """
         waiter = self.read_deferred(None)
-        if not waiter.done:
+        if not waiter.done:  # done at once only under a lease, and then never failed
             await waiter.wait()
-        elif waiter.error is not None:
-            raise waiter.error
 
     def read_deferred(self, transform: Callable[[Any], Any] | None) -> Deferred:
         """A Deferred resolved with ``transform(None)`` -- run at that moment, so it may
