@@ -736,23 +736,45 @@ class FileClient:
             end = min(offset + length, state.size)
             if end <= offset:
                 return b""
-            result = bytearray(end - offset)
-            position = offset
-            while position < end:
-                index = position // state.chunk_size
-                within = position - index * state.chunk_size
-                size = min(end - position, state.chunk_size - within)
-                data = await self._read_chunk(state, handle.credentials, index, within, size)
-                target = memoryview(result)[position - offset : position - offset + size]
-                target[: len(data)] = data
-                dirty = state.dirty.get(index)
-                if dirty is not None:
-                    dirty.overlay(target, within)
-                position += size
+            index = offset // state.chunk_size
+            if (end - 1) // state.chunk_size == index and index not in state.dirty:
+                result = await self._read_clean(handle, index, offset, end)
+            else:
+                result = await self._read_merged(handle, offset, end)
             if offset == state.next_read_offset and end < state.size:
                 self._read_ahead_into_next_chunk(state, end)
             state.next_read_offset = end
-            return bytes(result)
+            return result
+
+    async def _read_clean(self, handle: OpenFile, index: int, offset: int, end: int) -> bytes:
+        """``[offset, end)`` inside chunk ``index``, which holds no write of this client: the
+        reader's bytes as they are (its one copy), zero-filled where the data ends early.
+        Most reads (a FUSE read is at most 1 MiB) take this path."""
+        state = handle.state
+        within = offset - index * state.chunk_size
+        data = await self._read_chunk(state, handle.credentials, index, within, end - offset)
+        if len(data) < end - offset:
+            return data + bytes(end - offset - len(data))
+        return data
+
+    async def _read_merged(self, handle: OpenFile, offset: int, end: int) -> bytes:
+        """``[offset, end)`` assembled chunk by chunk, with this client's unsent writes laid
+        over what the replicas hold."""
+        state = handle.state
+        result = bytearray(end - offset)
+        position = offset
+        while position < end:
+            index = position // state.chunk_size
+            within = position - index * state.chunk_size
+            size = min(end - position, state.chunk_size - within)
+            data = await self._read_chunk(state, handle.credentials, index, within, size)
+            target = memoryview(result)[position - offset : position - offset + size]
+            target[: len(data)] = data
+            dirty = state.dirty.get(index)
+            if dirty is not None:
+                dirty.overlay(target, within)
+            position += size
+        return bytes(result)
 
     def _read_ahead_into_next_chunk(self, state: _FileState, position: int) -> None:
         """Start the next chunk's read-ahead once a sequential reader at ``position`` is
