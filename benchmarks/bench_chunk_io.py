@@ -5,8 +5,11 @@ processes on loopback (and the test harness's stand-in metaserver), writes a fil
 ``--size-mib`` (default 1024) with replication 1 and then 3 (or ``--replication N``) through
 :class:`fuse_client.chunk_io.PlacedFile` (close = sync on every replica), drops the
 replica files from the page cache, and reads the file back sequentially.  Beside it, the
-local disk's own sequential write (ending in fsync) and read of the same size in the same
-directory, measured in the same run; the figures are quoted as ratios to those.
+local disk's own sequential write (ending in fsync) and cold read of the same size in the
+same directory, measured in the same run; the figures are quoted as ratios to those.  On a
+shared machine one cold read of the disk can swing by a factor of two between minutes, so
+the plain file is read cold again right before and right after each cluster read, and that
+read is quoted against the mean of its two neighbours.
 
 Since the machine is shared and wall-clock figures swing, each phase also reports CPU time
 per MiB: of the client process (``time.process_time``) and of every dataserver process
@@ -56,6 +59,18 @@ class Phase:
     server_cpu_ms_per_mib: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class ReadPhase:
+    """A cluster read and the disk's cold reads of the plain file just before and after."""
+
+    phase: Phase
+    disk_mib_s: tuple[float, float]
+
+    @property
+    def disk_ratio(self) -> float:
+        return self.phase.mib_s / (sum(self.disk_mib_s) / len(self.disk_mib_s))
+
+
 class CpuMeter:
     """CPU time of the client and of each dataserver across one phase."""
 
@@ -89,9 +104,8 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def disk_baseline(directory: Path, data: bytes) -> tuple[float, float]:
-    """(write MiB/s including the final fsync, cold read MiB/s) of one plain file."""
-    path = directory / "baseline.bin"
+def disk_write_mib_s(path: Path, data: bytes) -> float:
+    """Write ``data`` to a plain file at ``path``: MiB/s including the final fsync."""
     view = memoryview(data)
     started = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -101,24 +115,30 @@ def disk_baseline(directory: Path, data: bytes) -> tuple[float, float]:
         os.fsync(fd)
     finally:
         os.close(fd)
-    write_s = time.perf_counter() - started
+    return len(data) / MIB / (time.perf_counter() - started)
+
+
+def disk_cold_read_mib_s(path: Path) -> float:
+    """Read a plain file from the disk (its pages dropped first), checksumming it as the
+    cluster read is checksummed: MiB/s."""
     drop_cache(path)
     started = time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     checksum = 0
+    size = 0
     try:
         while chunk := os.read(fd, READ_BYTES):
             checksum = crc32c.crc32c(chunk, checksum)
+            size += len(chunk)
     finally:
         os.close(fd)
-    read_s = time.perf_counter() - started
-    path.unlink()
-    size_mib = len(data) / MIB
-    return size_mib / write_s, size_mib / read_s
+    return size / MIB / (time.perf_counter() - started)
 
 
-async def through_cluster(cluster: Cluster, replication: int, data: bytes) -> tuple[Phase, Phase]:
-    """(write to durable on every replica, cold sequential read)."""
+async def through_cluster(
+    cluster: Cluster, replication: int, data: bytes, baseline: Path
+) -> tuple[Phase, ReadPhase]:
+    """(write to durable on every replica, cold sequential read beside the disk's)."""
     cluster.meta.replication = replication
     file = PlacedFile(cluster.pool, CHUNK_BYTES, cluster.meta, readahead_bytes=READAHEAD_BYTES)
     view = memoryview(data)
@@ -139,21 +159,23 @@ async def through_cluster(cluster: Cluster, replication: int, data: bytes) -> tu
         length_bytes=len(data),
         readahead_bytes=READAHEAD_BYTES,
     )
+    disk_before = disk_cold_read_mib_s(baseline)
     checksum = 0
     meter = CpuMeter(cluster)
     for start in range(0, len(data), READ_BYTES):
         checksum = crc32c.crc32c(await reader.read(start, READ_BYTES), checksum)
     read = meter.phase(len(data))
+    disk_after = disk_cold_read_mib_s(baseline)
     if checksum != crc32c.crc32c(data):
         raise SystemExit("read back different data")
-    return write, read
+    return write, ReadPhase(read, (disk_before, disk_after))
 
 
 async def run_cluster_benchmark(
-    directory: Path, data: bytes, replications: list[int]
-) -> dict[int, tuple[Phase, Phase]]:
+    directory: Path, data: bytes, replications: list[int], baseline: Path
+) -> dict[int, tuple[Phase, ReadPhase]]:
     meta = FakeMetaserver()
-    results: dict[int, tuple[Phase, Phase]] = {}
+    results: dict[int, tuple[Phase, ReadPhase]] = {}
     from fuse_client.chunk_io import DataserverPool
 
     async with trio.open_nursery() as nursery:
@@ -168,7 +190,9 @@ async def run_cluster_benchmark(
                 for server in cluster.dataservers:
                     await cluster.started(server)
                 for replication in replications:
-                    results[replication] = await through_cluster(cluster, replication, data)
+                    results[replication] = await through_cluster(
+                        cluster, replication, data, baseline
+                    )
             finally:
                 cluster.stop_all()
         nursery.cancel_scope.cancel()
@@ -191,25 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     data = os.urandom(size)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="paxfs-bench-") as temp:
         directory = Path(temp)
-        disk_write, disk_read = disk_baseline(directory, data)
-        results = trio.run(run_cluster_benchmark, directory, data, args.replication or [1, 3])
+        baseline = directory / "baseline.bin"
+        disk_write = disk_write_mib_s(baseline, data)
+        disk_read = disk_cold_read_mib_s(baseline)
+        results = trio.run(
+            run_cluster_benchmark, directory, data, args.replication or [1, 3], baseline
+        )
     print(
         f"sequential I/O of a {args.size_mib} MiB file, 3 dataservers on loopback, "
         f"{CHUNK_BYTES // MIB} MiB chunks, {os.cpu_count()} cores"
     )
     print(
         f"local disk (same dir)   write+fsync {disk_write:8,.0f} MiB/s"
-        f"   read {disk_read:8,.0f} MiB/s"
+        f"   read {disk_read:8,.0f} MiB/s (cold, at the start)"
     )
     for replication, (write, read) in results.items():
+        before, after = read.disk_mib_s
         print(
             f"replication {replication}           write+sync  {write.mib_s:8,.0f} MiB/s"
-            f" ({write.mib_s / disk_write:4.2f} x disk)   read {read.mib_s:8,.0f} MiB/s"
-            f" ({read.mib_s / disk_read:4.2f} x disk)"
+            f" ({write.mib_s / disk_write:4.2f} x disk)   read {read.phase.mib_s:8,.0f} MiB/s"
+            f" ({read.disk_ratio:4.2f} x disk; disk before/after {before:,.0f}/{after:,.0f})"
         )
     print("CPU ms per MiB          client   dataservers (each)")
-    for replication, phases in results.items():
-        for name, phase in zip(("write", "read"), phases, strict=True):
+    for replication, (write, read) in results.items():
+        for name, phase in (("write", write), ("read", read.phase)):
             servers = " ".join(f"{spent:5.2f}" for spent in phase.server_cpu_ms_per_mib)
             print(
                 f"replication {replication} {name:<5}     {phase.client_cpu_ms_per_mib:5.2f}"
