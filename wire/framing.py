@@ -502,6 +502,14 @@ class FrameWriter:
         return parts
 
     async def _send_parts(self, parts: list[Payload]) -> None:
+        sock = self._socket
+        if sock is not None:
+            # The descriptor directly, as in _write_now: trio's send_all pays its per-call
+            # overhead again for every socket buffer's worth of a multi-MiB payload.
+            while parts:
+                await trio.lowlevel.wait_writable(sock)
+                parts = self._write_now(sock, parts)
+            return
         small: list[Payload] = []
         for part in parts:
             if len(part) >= SMALL_PART_BYTES:

@@ -240,12 +240,13 @@ async def _socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 
 
 async def test_frames_of_every_size_arrive_intact_over_a_socket() -> None:
-    """Payloads shorter and longer than the receive buffer, headers that straddle its
-    end, and bursts of small frames, all read with readv on the descriptor."""
+    """Payloads shorter and longer than the receive buffer (and than the socket's), headers
+    that straddle its end, and bursts of small frames: written with writev and read with
+    readv on the descriptors, waiting whenever the socket is full or empty."""
     seed = int(os.environ.get("PAXFS_SEED", random.randrange(1 << 32)))
     print(f"PAXFS_SEED={seed}")
     rng = random.Random(seed)
-    sizes = [0, 1, 100, RECEIVE_BYTES - 7, RECEIVE_BYTES + 13, 3 * RECEIVE_BYTES]
+    sizes = [0, 1, 100, RECEIVE_BYTES - 7, RECEIVE_BYTES + 13, 3 * RECEIVE_BYTES, 4 << 20]
     sizes += [rng.randrange(0, 3 * RECEIVE_BYTES) for _ in range(40)]
     sizes += [rng.randrange(0, 64) for _ in range(200)]
     frames = [
@@ -333,3 +334,16 @@ def test_payload_buffers_stay_within_their_limit() -> None:
     del again
     assert len(buffers.take(2 * size)) == 2 * size
     assert buffers.spare_bytes == 2 * size
+
+
+async def test_a_peer_that_stops_reading_breaks_the_writer_at_its_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    send, _receive = await _socket_pair()
+    writer = FrameWriter(send, send_timeout_s=5.0)
+    started = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError, match="did not read for 5.0 s"):
+        await writer.send(["big"], bytes(8 << 20))
+    assert writer.broken and trio.current_time() - started >= 5.0
+    with pytest.raises(trio.ClosedResourceError):
+        await writer.send(["after"])
