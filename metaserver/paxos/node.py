@@ -115,6 +115,7 @@ class _InflightSlot:
     entry: Entry
     voters: frozenset[NodeId]
     needed: int
+    proposed_ms: int
     acked: set[NodeId] = field(default_factory=set)
     votes: int = 0
     chosen: bool = False
@@ -127,6 +128,8 @@ class _PeerProgress:
     acked_slot: Slot = Slot(0)
     heartbeat_seq: int = 0
     commit_sent: Slot = Slot(0)
+    sent_slot: Slot = Slot(0)
+    """Highest slot sent to the peer in an Accept at this ballot."""
     accept_sent_ms: int = -(1 << 62)
 
 
@@ -161,8 +164,11 @@ class _LeaderState:
     heartbeat_sent_ms: dict[int, int] = field(default_factory=dict)
     heartbeat_due: bool = False
     next_heartbeat_ms: int = 0
-    commit_news_due_ms: int | None = None
+    news_due_ms: int | None = None
     """When peers that no Accept or Heartbeat told of the commit index get a lone Commit."""
+    responders: list[NodeId] = field(default_factory=list)
+    """Voters whose votes counted towards a quorum, the latest first: the thrifty
+    leader sends new slots at once to as many of the first as a quorum needs."""
     next_prepare_retry_ms: int = 0
     lease_expires_ms: int | None = None
 
@@ -990,15 +996,19 @@ class PaxosNode:
             peer.commit_index = max(peer.commit_index, message.commit_index)
             peer.acked_slot = max(peer.acked_slot, message.last_slot)
         last = min(message.last_slot, ls.next_slot - 1)
+        counted = False
         for slot in range(max(message.first_slot, self._commit + 1), last + 1):
             inflight = ls.inflight.get(slot)
             if inflight is None or sender in inflight.acked:
                 continue
             inflight.acked.add(sender)
             if sender in inflight.voters:
+                counted = counted or not inflight.chosen
                 inflight.votes += 1
                 if inflight.votes >= inflight.needed:
                     inflight.chosen = True
+        if counted and sender != self._id:
+            self._note_responder(ls, sender)
         self._advance_leader_commit()
 
     def _on_heartbeat_ack(self, message: HeartbeatAck) -> None:
@@ -1266,7 +1276,10 @@ class PaxosNode:
         assert ls is not None
         peer = ls.peers.get(node)
         if peer is None:
-            peer = ls.peers[node] = _PeerProgress(last_contact_ms=self._now_ms)
+            # A peer met mid-ballot (a new learner) gets the slots proposed from now on;
+            # earlier ones it fetches by catch-up, in bounded pages.
+            sent = Slot(max(ls.next_slot - 1, 0))
+            peer = ls.peers[node] = _PeerProgress(last_contact_ms=self._now_ms, sent_slot=sent)
         return peer
 
     def _step_down(self, reason: StepDownReason) -> None:
@@ -1323,7 +1336,7 @@ class PaxosNode:
             ls.base_slot = Slot(self._commit + 1)
             ls.next_slot = ls.base_slot
             ls.reports = {s: v for s, v in ls.reports.items() if s > self._commit}
-            self._arm_commit_news(ls)
+            self._arm_news(ls)
         self._update_leader_ready()
 
     def _update_leader_ready(self) -> None:
@@ -1373,7 +1386,7 @@ class PaxosNode:
             inflight = ls.inflight.pop(slot)
             if inflight.entry.kind == EntryKind.MEMBERSHIP:
                 ls.membership_inflight -= 1
-        self._arm_commit_news(ls)
+        self._arm_news(ls)
         self._commit_through(Slot(new_commit))
 
     def _leader_tick(self) -> None:
@@ -1400,7 +1413,7 @@ class PaxosNode:
             self._leader_check_progress()  # keeps asking the promiser ahead of us
 
     def _prepare_outputs(self) -> None:
-        """Turn queued proposals into slots, and send heartbeats and due commit news."""
+        """Turn queued proposals into slots, and send heartbeats and due news."""
         ls = self._ls
         if self._role != Role.LEADER or ls is None:
             return
@@ -1408,20 +1421,83 @@ class PaxosNode:
             self._flush_proposals(ls)
         if ls.heartbeat_due:
             self._broadcast_heartbeat(ls)
-        due = ls.commit_news_due_ms
-        if due is not None and self._now_ms >= due and ls.active:
-            ls.commit_news_due_ms = None
-            for node in self._targets():
-                peer = self._peer(node)
-                if peer.commit_sent < self._commit:
-                    peer.commit_sent = self._commit
-                    self._send(node, Commit(self._id, ls.ballot, self._commit, ls.base_slot))
+        if ls.active:
+            self._send_due_news(ls)
 
-    def _arm_commit_news(self, ls: _LeaderState) -> None:
-        """The commit index moved: peers hear of it from the next Accept or Heartbeat, or
-        from a lone Commit once ``commit_delay_ms`` has passed (see PaxosOptions)."""
-        if ls.commit_news_due_ms is None:
-            ls.commit_news_due_ms = self._now_ms + self._options.commit_delay_ms
+    def _send_due_news(self, ls: _LeaderState) -> None:
+        """Once ``commit_delay_ms`` has passed: a lone Commit to peers no Accept or
+        Heartbeat told of the commit index, and -- when the oldest open slot has waited
+        that long for its quorum -- the slots held back from lazy voters (thrifty)."""
+        now = self._now_ms
+        oldest = ls.inflight.get(self._commit + 1)
+        stalled = oldest is not None and now >= oldest.proposed_ms + self._options.commit_delay_ms
+        due = ls.news_due_ms
+        news_due = due is not None and now >= due
+        if not (stalled or news_due):
+            return
+        if news_due:
+            ls.news_due_ms = None
+        for node in self._targets():
+            peer = self._peer(node)
+            if peer.sent_slot + 1 < ls.next_slot:
+                # Slots were held back from this peer: its commit news goes with them,
+                # with the next heartbeat, or now if the quorum is slow to answer.
+                if stalled:
+                    self._send_pending_accepts(ls, node)
+                continue
+            if news_due and peer.commit_sent < self._commit:
+                peer.commit_sent = self._commit
+                self._send(node, Commit(self._id, ls.ballot, self._commit, ls.base_slot))
+
+    def _arm_news(self, ls: _LeaderState) -> None:
+        """The commit index moved: peers hear of it from the next Accept or Heartbeat,
+        or from a lone Commit once ``commit_delay_ms`` has passed (see PaxosOptions)."""
+        if ls.news_due_ms is None:
+            ls.news_due_ms = self._now_ms + self._options.commit_delay_ms
+
+    def _lazy_peers(self, ls: _LeaderState) -> frozenset[NodeId]:
+        """Voters that get new slots only with the next heartbeat, or once the quorum is
+        slow (``PaxosOptions.thrifty``): all but the quorum's worth whose votes counted
+        last. None while a membership change is pending (two quorums to gather), and
+        learners never (they must keep up to be promoted)."""
+        configs = self._configs
+        if not self._options.thrifty or configs is None:
+            return frozenset()
+        relevant = configs.relevant(self._commit)
+        if len(relevant) != 1:
+            return frozenset()
+        voters = relevant[0].voters
+        others = [node for node in voters if node != self._id]
+        needed = _quorum.quorum_size(len(voters)) - (len(voters) - len(others))
+        order = [node for node in ls.responders if node in others]
+        order += [node for node in others if node not in order]
+        return frozenset(order[max(needed, 0) :])
+
+    def _note_responder(self, ls: _LeaderState, node: NodeId) -> None:
+        responders = ls.responders
+        if responders and responders[0] == node:
+            return
+        if node in responders:
+            responders.remove(node)
+        responders.insert(0, node)
+
+    def _send_pending_accepts(self, ls: _LeaderState, node: NodeId) -> bool:
+        """Send ``node`` the slots of this ballot it was not sent yet; False if none."""
+        peer = self._peer(node)
+        first = max(peer.sent_slot + 1, ls.base_slot, self._log.first_slot)
+        if first >= ls.next_slot:
+            return False
+        entries: list[Entry] = []
+        for slot in range(first, ls.next_slot):
+            vote = self._log.get(slot)
+            invariant(
+                vote is not None and vote.ballot == ls.ballot,
+                "a leader holds its own vote in every slot it proposed",
+            )
+            assert vote is not None
+            entries.append(vote.entry)
+        self._send_accepts(ls, node, Slot(first), tuple(entries))
+        return True
 
     def _flush_proposals(self, ls: _LeaderState) -> None:
         configs = self._configs
@@ -1447,7 +1523,8 @@ class PaxosNode:
             if entry is None:
                 break
             voters = frozenset(membership.voters)
-            ls.inflight[slot] = _InflightSlot(entry, voters, _quorum.quorum_size(len(voters)))
+            needed = _quorum.quorum_size(len(voters))
+            ls.inflight[slot] = _InflightSlot(entry, voters, needed, self._now_ms)
             if entry.kind == EntryKind.MEMBERSHIP:
                 ls.membership_inflight += 1
             ls.next_slot = Slot(slot + 1)
@@ -1457,8 +1534,15 @@ class PaxosNode:
         self._accept_votes(ls.ballot, first_new, entries)
         last = Slot(ls.next_slot - 1)
         self._send(self._id, Accepted(self._id, ls.ballot, first_new, last, self._commit))
+        lazy = self._lazy_peers(ls)
         for node in self._targets():
-            self._send_accepts(ls, node, first_new, entries)
+            if node in lazy:
+                continue
+            peer = ls.peers.get(node)
+            if peer is None or peer.sent_slot + 1 >= first_new:
+                self._send_accepts(ls, node, first_new, entries)
+            else:
+                self._send_pending_accepts(ls, node)  # held back while it was lazy
 
     def _next_entry(self, ls: _LeaderState, slot: Slot) -> Entry | None:
         """The value for ``slot``: a reported vote, a no-op in a recovered hole, a queued
@@ -1502,6 +1586,7 @@ class PaxosNode:
         peer = self._peer(node)
         peer.accept_sent_ms = self._now_ms
         peer.commit_sent = max(peer.commit_sent, self._commit)
+        peer.sent_slot = Slot(max(peer.sent_slot, first_slot + len(entries) - 1))
         limit = self._options.message_bytes_max
         start = 0
         size_bytes = 0
@@ -1537,6 +1622,9 @@ class PaxosNode:
         for node in self._targets():
             peer = self._peer(node)
             if ls.active:
+                # Slots held back go first: the heartbeat's commit index must not reach
+                # the peer ahead of them (it would ask for a catch-up it does not need).
+                self._send_pending_accepts(ls, node)
                 peer.commit_sent = max(peer.commit_sent, self._commit)
             self._send(node, Heartbeat(self._id, ls.ballot, seq, self._commit, base))
             if ls.active:

@@ -35,6 +35,14 @@ class PaxosOptions:
     wake-up per command. The price is that a follower applies a slot up to this much
     later once traffic stops (0: send commit news at once). Heartbeats carry it too, so
     a delay beyond ``heartbeat_interval_ms`` changes nothing."""
+    thrifty: bool = True
+    """Send new slots at once only to as many voters as a quorum needs -- those whose
+    votes counted last -- and to the other voters with the next heartbeat, many slots
+    per message ("thrifty" Paxos). In a group of three that spares one follower a
+    wake-up, a vote and an fsync per command, and the leader a message each way. The
+    price: when the quorum is slow to answer, the oldest open slot waits
+    ``commit_delay_ms`` (or until the owner's next tick) before the other voters get
+    it; and those voters apply up to a heartbeat interval later."""
     election_timeout_ms: int = 500
     """A follower that hears no leader for a random time in [T, 2T) probes for election."""
     backoff_level_max: int = 3

@@ -153,12 +153,14 @@ class SimConfig:
             snapshot_every_slots=rng.choice((8, 20, 60)),
             drift_ppm_max=drift_ppm_max,
         )
-        # Drawn last so that every other draw of a seed stays what it was before the
-        # delay existed: 0 (commit news at once), shorter than a tick, or a whole
-        # heartbeat interval (news only with Accepts and Heartbeats).
+        # Drawn last so that every other draw of a seed stays what it was before these
+        # options existed. Commit delay: 0 (news at once), shorter than a tick, or a
+        # whole heartbeat interval (news only with Accepts and Heartbeats).
         commit_delay_ms = rng.choice((0, 3, 20))
+        thrifty = rng.random() < 0.5
         return dataclasses.replace(
-            config, options=dataclasses.replace(options, commit_delay_ms=commit_delay_ms)
+            config,
+            options=dataclasses.replace(options, commit_delay_ms=commit_delay_ms, thrifty=thrifty),
         )
 
 

@@ -18,9 +18,10 @@ Commands (``<n>`` is a node id):
 
 ``add-nodes <count> [read=lease] [lease=<ms>] [drift=<ppm>] [window=<slots>]
 [batch=<commands>] [page=<entries>] [chunk=<bytes>] [retain=<slots>]
-[commit-delay=<ms>]``
+[commit-delay=<ms>] [thrifty=1]``
     create the founding voters 1..count (election timeout 100 ms, heartbeat 10 ms;
-    commit news at once unless ``commit-delay`` says otherwise)
+    commit news at once and every slot to every peer at once, unless ``commit-delay``
+    and ``thrifty`` say otherwise)
 ``clock <n> <ppm>``                   node n's clock runs fast (or slow, if negative)
 ``campaign <n>``                      start phase 1 now
 ``tick <ms> [<n> ...]``               advance the clock and tick (all live nodes)
@@ -346,6 +347,7 @@ class InteractionEnv:
             log_retain_slots=int(settings.get("retain", 0)),
             learner_lag_slots_max=4,
             commit_delay_ms=int(settings.get("commit-delay", 0)),
+            thrifty=settings.get("thrifty") == "1",
         )
         voters = tuple(NodeId(i) for i in range(1, count + 1))
         self.checker = SafetyChecker(voters, self.options.window_slots, self.disabled_checks)

@@ -58,13 +58,18 @@ def _forget_promise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node_module.PaxosNode, "_persist_promise", lambda self, ballot: None)
 
 
-def _first_failure(disabled: frozenset[str] = frozenset()) -> SimFailure | None:
+def _first_failure(
+    disabled: frozenset[str] = frozenset(), wanted: set[str] | None = None
+) -> SimFailure | None:
+    """The first seed's failure (only by one of ``wanted`` checks, if given: a broken
+    rule may first show as a stuck replica before the replicas visibly diverge)."""
     for seed in range(SEEDS_MAX):
         try:
             run_seed(seed, disabled)
         except SimFailure as failure:
             print(f"caught at seed {failure.seed} by [{failure.check}]: {failure.detail}")
-            return failure
+            if wanted is None or failure.check in wanted:
+                return failure
     return None
 
 
@@ -102,9 +107,8 @@ def test_the_mutation_also_breaks_the_group_end_to_end(
     checks: set[str],
 ) -> None:
     mutate(monkeypatch)
-    failure = _first_failure(DIRECT)
+    failure = _first_failure(DIRECT, checks)
     assert failure is not None, f"no seed below {SEEDS_MAX} caught the mutation end to end"
-    assert failure.check in checks
 
 
 def test_a_stale_vote_applied_as_chosen_diverges_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -189,6 +189,42 @@ def test_without_a_delay_commit_news_leaves_at_once() -> None:
     assert [(c.commit_index, c.commit_base) for c in commits] == [(1, 1), (1, 1)]
 
 
+def _accept_targets(env: InteractionEnv) -> list[int]:
+    """Process node 1's Ready; the peers its Accepts go to."""
+    ready = env.run("process-ready 1").splitlines()
+    return sorted({int(line.split("->")[1].split()[0]) for line in ready if " Accept b=" in line})
+
+
+def test_a_thrifty_leader_sends_new_slots_at_once_only_to_a_quorum() -> None:
+    env = group(5, batch="1", thrifty="1", **{"commit-delay": "5"})
+    leader = elect(env)
+    leader.propose(b"a")
+    assert _accept_targets(env) == [2, 3], "itself and two followers make a quorum of five"
+    env.run("stabilize")
+    assert leader.commit_index == 1
+    env.run("tick 10 1")
+    heartbeat = env.run("stabilize")
+    assert "1->4 Accept b=1.1 slots=1..1 [a] commit=1" in heartbeat
+    assert "1->5 Accept b=1.1 slots=1..1 [a] commit=1" in heartbeat
+    assert "CatchupRequest" not in heartbeat, "held-back slots go before the commit news"
+    for node in (NodeId(4), NodeId(5)):
+        follower = env.owners[node].node
+        assert follower is not None and follower.applied_index == 1
+
+
+def test_a_thrifty_leader_sends_to_every_member_while_a_membership_change_is_pending() -> None:
+    env = group(3, batch="1", window="4", thrifty="1", **{"commit-delay": "5"})
+    leader = elect(env)
+    leader.change_membership(MembershipChange(MembershipChangeKind.ADD_LEARNER, NodeId(4)))
+    assert _accept_targets(env) == [2], "not chosen yet: one membership, one quorum"
+    env.run("deliver-msgs")
+    env.run("process-ready 2")
+    env.run("deliver-msgs")
+    # Chosen: the no-ops that bring it into force need quorums of both memberships.
+    assert _accept_targets(env) == [2, 3, 4]
+    assert leader.status().pending_membership is not None
+
+
 def test_a_deposed_leader_drops_its_queue_and_says_so() -> None:
     env = group()
     leader = elect(env)
