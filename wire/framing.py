@@ -33,9 +33,11 @@ from wire.errors import ProtocolError
 
 PREFIX = struct.Struct(">II")
 PREFIX_BYTES = PREFIX.size
-RECEIVE_BYTES = 256 * 1024
-"""Capacity of a reader's receive buffer: one ``readv`` takes many small frames at once."""
-RECEIVE_ROOM_BYTES_MIN = 64 * 1024
+RECEIVE_BYTES = 64 * 1024
+"""Capacity of a reader's receive buffer, held by every connection: one ``readv`` takes
+hundreds of small frames at once (a payload longer than what is buffered is read into its
+own buffer)."""
+RECEIVE_ROOM_BYTES_MIN = 16 * 1024
 """Below this much free room at its end, the receive buffer is compacted before a read."""
 SMALL_PART_BYTES = 64 * 1024
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
@@ -54,6 +56,8 @@ fresh buffer, so that one of them does not stay allocated for good."""
 SPARE_PAYLOAD_BYTES_MAX = 64 * 1024 * 1024
 """Bytes of payload buffers a process keeps for reuse, busy or free: room for a client's
 read-ahead window of 4 MiB pieces and the pieces arriving behind it."""
+SPARE_PAYLOADS_MAX = 32
+"""Buffers a process keeps for reuse, busy or free: bounds the scan for a free one."""
 
 
 @dataclass(frozen=True)
@@ -186,13 +190,18 @@ class PayloadBuffers:
     reader overwrites every byte before the payload is handed out.
 
     Only payloads of ``RECYCLED_PAYLOAD_BYTES_MIN`` to ``RECYCLED_PAYLOAD_BYTES_MAX``
-    bytes are pooled, at most ``spare_bytes_max`` bytes in all; a free buffer of another
-    size gives way to a new one.  Thread-safe (one pool may serve trio loops in several
-    threads): a buffer is found free and handed out under one lock.
+    bytes are pooled, at most ``spare_bytes_max`` bytes in ``spares_max`` buffers; a free
+    buffer of another size gives way to a new one.  Thread-safe (one pool may serve trio
+    loops in several threads): a buffer is found free and handed out under one lock.
     """
 
-    def __init__(self, spare_bytes_max: int = SPARE_PAYLOAD_BYTES_MAX) -> None:
+    def __init__(
+        self,
+        spare_bytes_max: int = SPARE_PAYLOAD_BYTES_MAX,
+        spares_max: int = SPARE_PAYLOADS_MAX,
+    ) -> None:
         self._spare_bytes_max = spare_bytes_max
+        self._spares_max = spares_max
         self._spares: list[bytearray] = []
         self._spare_bytes = 0
         self._lock = threading.Lock()
@@ -215,9 +224,15 @@ class PayloadBuffers:
                         return spares[index]
                     unused = index
             buffer = bytearray(length)
-            if self._spare_bytes + length > self._spare_bytes_max and unused >= 0:
+            if unused >= 0 and (
+                self._spare_bytes + length > self._spare_bytes_max
+                or len(spares) == self._spares_max
+            ):
                 self._spare_bytes -= len(spares.pop(unused))
-            if self._spare_bytes + length <= self._spare_bytes_max:
+            if (
+                self._spare_bytes + length <= self._spare_bytes_max
+                and len(spares) < self._spares_max
+            ):
                 spares.append(buffer)
                 self._spare_bytes += length
             return buffer

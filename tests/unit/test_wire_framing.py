@@ -334,6 +334,12 @@ def test_payload_buffers_stay_within_their_limit() -> None:
     del again
     assert len(buffers.take(2 * size)) == 2 * size
     assert buffers.spare_bytes == 2 * size
+    few = PayloadBuffers(spares_max=2)
+    held = [few.take(size) for _ in range(3)]
+    assert few.spare_bytes == 2 * size
+    held.clear()
+    assert len(few.take(3 * size)) == 3 * size
+    assert few.spare_bytes == 4 * size
 
 
 async def test_a_peer_that_stops_reading_breaks_the_writer_at_its_timeout(
