@@ -257,9 +257,10 @@ class Replica:
         now = self.now_ms()
         for message in messages:
             self.node.step(message, now)
-        if self.node.has_ready():
+        if self.node.has_ready_besides_proposals():
             # Most replies change nothing to do (the vote after the quorum, a heartbeat
-            # ack): the driver sleeps on instead of waking for an empty round.
+            # ack): the driver sleeps on instead of waking for an empty round.  Queued
+            # proposals are the driver's to batch (they woke it when they came).
             self._kick()
 
     async def _record_heard(self, sender: int) -> None:
@@ -476,7 +477,7 @@ class Replica:
             await trio.sleep((FOLLOWER_TICK_INTERVAL_MS if follower else TICK_INTERVAL_MS) / 1000)
             now = self.now_ms()
             self.node.tick(now)
-            if self.node.has_ready() or self._commit_record_due(now):
+            if self.node.has_ready_besides_proposals() or self._commit_record_due(now):
                 self._kick()
 
     async def _drive(self) -> None:

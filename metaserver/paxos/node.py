@@ -168,7 +168,8 @@ class _LeaderState:
     """When peers that no Accept or Heartbeat told of the commit index get a lone Commit."""
     responders: list[NodeId] = field(default_factory=list)
     """Voters whose votes counted towards a quorum, the latest first: the thrifty
-    leader sends new slots at once to as many of the first as a quorum needs."""
+    leader sends new slots at once to as many of the first as a quorum needs (then to
+    those that promised this ballot)."""
     next_prepare_retry_ms: int = 0
     lease_expires_ms: int | None = None
 
@@ -454,6 +455,17 @@ class PaxosNode:
     def has_ready(self) -> bool:
         """Whether ``ready()`` would hand out anything."""
         self._prepare_outputs()
+        return self._has_outputs()
+
+    def has_ready_besides_proposals(self) -> bool:
+        """Like :meth:`has_ready`, but leaves queued proposals in the queue: the check an
+        owner makes after a step or tick, when the Ready loop that takes them may still
+        be busy. Slots made then would carry only what was queued so far, where the
+        loop's next ``ready()`` batches everything queued by then."""
+        self._prepare_outputs(propose=False)
+        return self._has_outputs()
+
+    def _has_outputs(self) -> bool:
         return bool(
             self._out_records
             or self._out_messages
@@ -1412,12 +1424,12 @@ class PaxosNode:
         if not ls.active:
             self._leader_check_progress()  # keeps asking the promiser ahead of us
 
-    def _prepare_outputs(self) -> None:
+    def _prepare_outputs(self, *, propose: bool = True) -> None:
         """Turn queued proposals into slots, and send heartbeats and due news."""
         ls = self._ls
         if self._role != Role.LEADER or ls is None:
             return
-        if ls.active:
+        if ls.active and propose:
             self._flush_proposals(ls)
         if ls.heartbeat_due:
             self._broadcast_heartbeat(ls)
@@ -1469,9 +1481,16 @@ class PaxosNode:
         voters = relevant[0].voters
         others = [node for node in voters if node != self._id]
         needed = _quorum.quorum_size(len(voters)) - (len(voters) - len(others))
+        # Before any vote counted, those that promised this ballot: they were up lately.
         order = [node for node in ls.responders if node in others]
+        order += [node for node in others if node not in order and self._promised_us(ls, node)]
         order += [node for node in others if node not in order]
         return frozenset(order[max(needed, 0) :])
+
+    @staticmethod
+    def _promised_us(ls: _LeaderState, node: NodeId) -> bool:
+        progress = ls.promises.get(node)
+        return progress is not None and progress.complete
 
     def _note_responder(self, ls: _LeaderState, node: NodeId) -> None:
         responders = ls.responders

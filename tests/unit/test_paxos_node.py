@@ -106,6 +106,18 @@ def test_commands_are_batched_per_slot_up_to_the_batch_limit() -> None:
     assert len(accepts) == 2, "one Accept per follower carries every new slot"
 
 
+def test_the_check_after_a_step_leaves_queued_proposals_to_batch() -> None:
+    env = group(batch="8")
+    leader = elect(env)
+    leader.propose(b"a")
+    assert not leader.has_ready_besides_proposals()
+    leader.propose(b"b")
+    assert leader.has_ready()
+    ready = leader.ready()
+    (record,) = [r for r in ready.records if isinstance(r, AcceptedRecord)]
+    assert [e.commands for e in record.entries] == [(b"a", b"b")], "one slot for both"
+
+
 def test_no_more_than_the_window_of_slots_is_in_flight() -> None:
     env = group(window="2", batch="1")
     leader = elect(env)
@@ -210,6 +222,15 @@ def test_a_thrifty_leader_sends_new_slots_at_once_only_to_a_quorum() -> None:
     for node in (NodeId(4), NodeId(5)):
         follower = env.owners[node].node
         assert follower is not None and follower.applied_index == 1
+
+
+def test_a_new_thrifty_leader_first_sends_to_a_follower_that_promised() -> None:
+    env = group(3, batch="1", thrifty="1", **{"commit-delay": "5"})
+    env.run("crash 1")
+    leader = elect(env, 3)
+    leader.propose(b"a")
+    ready = env.run("process-ready 3")
+    assert "3->2 Accept" in ready and "3->1 Accept" not in ready, "node 1 never promised"
 
 
 def test_a_thrifty_leader_sends_to_every_member_while_a_membership_change_is_pending() -> None:
