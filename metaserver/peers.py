@@ -5,10 +5,13 @@ connection open and ships whatever accumulated as one one-way :class:`PaxosBatch
 (``RpcConnection.notify``): no reply travels back, since the core's own messages
 (Accepted, HeartbeatAck...) are the acknowledgements, and a reply frame per batch
 would double the frames, wake-ups and CPU of every consensus round.  Frames that
-several tasks queue in one scheduler pass leave in one write.  Losing messages is
-harmless to Paxos (the core retransmits), so a full outbox drops its oldest messages
-and a broken connection drops what it carried; the link then reconnects with
-back-off.  Peers can be added while running (a replica that joined the group).
+several tasks queue in one scheduler pass leave in one write.  A batch stays well
+under the receiver's frame header limit (:data:`BATCH_BYTES_MAX`): a frame beyond it
+is refused by closing the link, and the core would resend the same messages forever.
+Losing messages is harmless to Paxos (the core retransmits), so a full outbox drops
+its oldest messages and a broken connection drops what it carried; the link then
+reconnects with back-off.  Peers can be added while running (a replica that joined
+the group).
 
 Inbound batches are accepted only from a connection whose authenticated peer name is
 ``metaserver-<sender>`` and whose every message names that sender: the cluster key
@@ -28,8 +31,10 @@ from typing import Any
 import trio
 
 from metaserver.codec import MESSAGES_PER_BATCH_MAX, PAXOS_DELIVER, PaxosBatch
+from metaserver.paxos.messages import Accept, CatchupReply, Promise, SnapshotChunk
 from wire.address import Address
 from wire.errors import RpcError
+from wire.framing import DEFAULT_LIMITS
 from wire.rpc import CallContext, RpcConnection
 from wire.transport import connect
 
@@ -39,6 +44,41 @@ OUTBOX_MESSAGES_MAX = 16_384
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_DELAY_S_MIN = 0.05
 RECONNECT_DELAY_S_MAX = 0.5
+BATCH_BYTES_MAX = DEFAULT_LIMITS.header_bytes_max * 3 // 4
+"""Estimated bytes of one batch (see :func:`estimated_bytes`): a quarter of the frame
+header limit is left for what the estimate misses.  The core keeps every message below
+``PaxosOptions.message_bytes_max``, which must fit here (the replica checks)."""
+MESSAGE_OVERHEAD_BYTES = 64
+"""Counted per message and per entry beyond the bytes of its commands."""
+
+
+def estimated_bytes(message: Any) -> int:
+    """About how many bytes ``message`` takes in a frame; never much below the truth."""
+    if isinstance(message, Accept):
+        entries = message.entries
+    elif isinstance(message, Promise):
+        entries = tuple(accepted.entry for accepted in message.accepted)
+    elif isinstance(message, CatchupReply):
+        entries = tuple(value.entry for value in message.values)
+    elif isinstance(message, SnapshotChunk):
+        return MESSAGE_OVERHEAD_BYTES * 4 + len(message.data)
+    else:
+        return MESSAGE_OVERHEAD_BYTES
+    return MESSAGE_OVERHEAD_BYTES * (1 + len(entries)) + sum(e.size_bytes() for e in entries)
+
+
+def take_batch(queue: deque[Any]) -> tuple[Any, ...]:
+    """Take the longest run from the front of ``queue`` (not empty) that stays within
+    BATCH_BYTES_MAX and MESSAGES_PER_BATCH_MAX -- at least one message."""
+    batch = [queue.popleft()]
+    batch_bytes = estimated_bytes(batch[0])
+    while queue and len(batch) < MESSAGES_PER_BATCH_MAX:
+        size = estimated_bytes(queue[0])
+        if batch_bytes + size > BATCH_BYTES_MAX:
+            break
+        batch.append(queue.popleft())
+        batch_bytes += size
+    return tuple(batch)
 
 
 def peer_name(node_id: int) -> str:
@@ -95,17 +135,18 @@ class PeerLinks:
             )
             return
         connection = link.connection
-        if (
-            connection is not None
-            and not link.outbox
-            and not link.readdressed
-            and len(messages) <= MESSAGES_PER_BATCH_MAX
-            and connection.notify_nowait(PAXOS_DELIVER, PaxosBatch(self._self_id, tuple(messages)))
-        ):
-            link.batches_sent += 1
-            return
+        pending = deque(messages)
+        if connection is not None and not link.outbox and not link.readdressed:
+            while pending:
+                batch = take_batch(pending)
+                if not connection.notify_nowait(PAXOS_DELIVER, PaxosBatch(self._self_id, batch)):
+                    pending.extendleft(reversed(batch))
+                    break
+                link.batches_sent += 1
+            if not pending:
+                return
         outbox = link.outbox
-        outbox.extend(messages)
+        outbox.extend(pending)
         while len(outbox) > OUTBOX_MESSAGES_MAX:
             outbox.popleft()
             self.dropped_messages += 1
@@ -154,8 +195,7 @@ class PeerLinks:
                         timeout_s=CONNECT_TIMEOUT_S,
                     )
                     link.connection = connection
-                count = min(len(link.outbox), MESSAGES_PER_BATCH_MAX)
-                batch = tuple(link.outbox.popleft() for _ in range(count))
+                batch = take_batch(link.outbox)
                 await connection.notify(PAXOS_DELIVER, PaxosBatch(self._self_id, batch))
                 link.batches_sent += 1
         finally:

@@ -89,6 +89,7 @@ from metaserver.paxos import (
 )
 from metaserver.paxos.messages import Accept, Commit, Heartbeat
 from metaserver.paxos.records import AcceptedRecord, CommitRecord, PromiseRecord
+from metaserver.peers import BATCH_BYTES_MAX
 from metaserver.storage import MetaStorage
 from wire import schema
 from wire.address import Address, parse_address
@@ -173,6 +174,10 @@ class Replica:
         options: ReplicaOptions,
         snapshot_blob: bytes | None,
     ) -> None:
+        invariant(
+            node.options.message_bytes_max < BATCH_BYTES_MAX,
+            "the core's messages must fit the peer links' frames",
+        )
         self.node = node
         self.namespace = namespace
         self.group = group

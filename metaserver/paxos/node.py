@@ -302,6 +302,10 @@ class PaxosNode:
         return self._id
 
     @property
+    def options(self) -> PaxosOptions:
+        return self._options
+
+    @property
     def role(self) -> Role:
         return self._role
 
@@ -748,8 +752,12 @@ class PaxosNode:
         start = max(from_slot, self._commit + 1)
         accepted: list[AcceptedSlot] = []
         more_from: Slot | None = None
+        size_bytes = 0
         for slot, vote in self._log.items_from(start):
-            if len(accepted) >= self._options.promise_entries_max:
+            size_bytes += vote.entry.size_bytes()
+            if len(accepted) >= self._options.promise_entries_max or (
+                accepted and size_bytes > self._options.message_bytes_max
+            ):
                 more_from = slot
                 break
             accepted.append(AcceptedSlot(slot, vote.ballot, vote.entry))

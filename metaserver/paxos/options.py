@@ -55,17 +55,21 @@ class PaxosOptions:
     window_slots: int = 64
     """Slots in flight beyond the commit index; also the delay before a membership acts."""
     batch_commands_max: int = 256
-    batch_bytes_max: int = 1 << 20
-    command_bytes_max: int = 1 << 20
+    batch_bytes_max: int = 512 << 10
+    command_bytes_max: int = 512 << 10
     queue_commands_max: int = 16_384
     queue_bytes_max: int = 64 << 20
     reads_pending_max: int = 16_384
     promise_entries_max: int = 256
-    """Accepted entries per Promise page; the candidate asks for more pages."""
+    """Accepted entries per Promise page (fewer if ``message_bytes_max`` is reached
+    first); the candidate asks for more pages."""
     catchup_entries_max: int = 512
-    catchup_bytes_max: int = 4 << 20
-    message_bytes_max: int = 8 << 20
-    """Accept messages are split so none carries more than this many bytes of entries."""
+    catchup_bytes_max: int = 512 << 10
+    message_bytes_max: int = 512 << 10
+    """No message carries more than this many bytes of entries (``Entry.size_bytes``):
+    Accepts are split, Promise and catch-up pages end early. It must fit the owner's
+    transport: a metaserver's peer frames hold at most 1 MiB of header, and a message
+    beyond that would break the link on every resend."""
     snapshot_chunk_bytes: int = 256 << 10
     snapshot_bytes_max: int = 16 << 30
     snapshot_reads_pending_max: int = 8
@@ -93,6 +97,11 @@ class PaxosOptions:
         invariant(self.batch_commands_max >= 1, "batch must hold at least one command")
         invariant(self.command_bytes_max <= self.batch_bytes_max, "a command must fit a batch")
         invariant(self.batch_bytes_max <= self.message_bytes_max, "a batch must fit a message")
+        invariant(
+            self.catchup_bytes_max <= self.message_bytes_max
+            and self.snapshot_chunk_bytes <= self.message_bytes_max,
+            "catch-up pages and snapshot chunks must fit a message",
+        )
         invariant(self.promise_entries_max >= 1, "promise pages must hold an entry")
         invariant(self.catchup_entries_max >= 1, "catch-up pages must hold an entry")
         invariant(self.snapshot_chunk_bytes >= 1, "snapshot chunks must hold a byte")

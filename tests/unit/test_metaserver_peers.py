@@ -7,6 +7,7 @@ slow or dead peer: these tests pin that down.
 from __future__ import annotations
 
 import errno
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,8 +18,8 @@ import trio
 
 from metaserver import peers
 from metaserver.codec import PAXOS_DELIVER, PaxosBatch
-from metaserver.paxos import Ballot, NodeId, Slot
-from metaserver.paxos.messages import Heartbeat
+from metaserver.paxos import Ballot, Entry, EntryKind, NodeId, Slot
+from metaserver.paxos.messages import Accept, Heartbeat
 from metaserver.peers import PeerLinks, deliver_handler, peer_name
 from wire.address import Address
 from wire.errors import RpcError
@@ -103,6 +104,34 @@ async def test_every_message_arrives_in_order_and_a_slow_receiver_holds_up_no_se
         assert receiver.seqs == list(range(200)), "one connection delivers in order"
         assert receiver.most_in_progress == 1, "a connection's batches are stepped one by one"
         assert len(receiver.batches[0][1]) == 50, "what waited for the connection left as one"
+
+
+def big_accept(slot: int, command_bytes: int) -> Accept:
+    entry = Entry(EntryKind.COMMANDS, (bytes([slot % 256]) * command_bytes,))
+    return Accept(NodeId(1), BALLOT, Slot(slot), (entry,), Slot(0), Slot(1))
+
+
+async def test_big_messages_leave_in_batches_the_receiver_accepts() -> None:
+    # Frames past the receiver's header limit would close the link, and the core would
+    # resend the same messages into the same wall forever.
+    command_bytes = 300_000
+    async with receiver_at() as (receiver, address, _scope), links_to(address) as links:
+        links.send(NodeId(2), [big_accept(1, command_bytes), big_accept(2, command_bytes)])
+        await wait_for(lambda: len(receiver.batches) >= 1, "the link to connect")
+        links.send(NodeId(2), [big_accept(s, command_bytes) for s in range(3, 9)])
+        delivered = lambda: [m.first_slot for _s, b in receiver.batches for m in b]  # noqa: E731
+        await wait_for(lambda: len(delivered()) == 8, "every Accept")
+        assert delivered() == list(range(1, 9))
+        assert links._links[2].batches_sent == len(receiver.batches) >= 4
+        for _sender, batch in receiver.batches:
+            assert sum(peers.estimated_bytes(m) for m in batch) <= peers.BATCH_BYTES_MAX
+
+
+def test_a_batch_is_cut_by_bytes_and_by_count() -> None:
+    queue = deque([big_accept(s, 200_000) for s in range(1, 6)])
+    assert [len(peers.take_batch(queue)) for _ in range(2)] == [3, 2]
+    beats = deque(heartbeat(seq) for seq in range(5000))
+    assert len(peers.take_batch(beats)) == peers.MESSAGES_PER_BATCH_MAX
 
 
 async def test_a_full_outbox_drops_its_oldest_messages_without_blocking(

@@ -38,6 +38,7 @@ from metaserver.paxos.messages import (
     Prepare,
     ProbeReply,
     ProbeRequest,
+    Promise,
 )
 from metaserver.paxos.records import AcceptedRecord, CommitRecord, PromiseRecord
 from metaserver.paxos.types import NOOP_ENTRY, Entry
@@ -263,6 +264,24 @@ def test_a_deposed_leader_drops_its_queue_and_says_so() -> None:
 # ---------------------------------------------------------------- acceptors
 
 
+def test_promise_pages_are_bounded_in_bytes_as_well_as_in_entries() -> None:
+    node = lone_node(
+        message_bytes_max=1000,
+        batch_bytes_max=1000,
+        command_bytes_max=1000,
+        catchup_bytes_max=1000,
+        snapshot_chunk_bytes=1000,
+    )
+    big = Entry(EntryKind.COMMANDS, (b"x" * 400,))
+    node.step(Accept(N2, Ballot(1, N2), Slot(1), (big,) * 5, Slot(0), Slot(1)), 0)
+    node.advance(node.ready())
+    node.step(Prepare(N3, Ballot(2, N3), Slot(1)), 0)
+    (outbound,) = node.ready().messages
+    page = outbound.message
+    assert isinstance(page, Promise)
+    assert [a.slot for a in page.accepted] == [1, 2] and page.more_from == 3
+
+
 def test_a_promise_is_recorded_in_the_same_ready_as_the_promise_message() -> None:
     env = group()
     node = env.owners[N2].node
@@ -486,6 +505,8 @@ def test_options_reject_inconsistent_settings() -> None:
         PaxosOptions(heartbeat_interval_ms=100, election_timeout_ms=150)
     with pytest.raises(PaxosInvariantError):
         PaxosOptions(commit_delay_ms=-1)
+    with pytest.raises(PaxosInvariantError):
+        PaxosOptions(catchup_bytes_max=2 << 20)
 
 
 def test_the_leader_lease_is_shortened_by_the_drift_bound() -> None:
