@@ -165,7 +165,10 @@ class _LeaderState:
     heartbeat_due: bool = False
     next_heartbeat_ms: int = 0
     news_due_ms: int | None = None
-    """When peers that no Accept or Heartbeat told of the commit index get a lone Commit."""
+    """When peers that no Accept or Heartbeat told of the commit index get a lone Commit
+    (and lazy voters their held-back slots, if nothing was proposed since)."""
+    proposed_ms: int = 0
+    """When slots were last proposed."""
     responders: list[NodeId] = field(default_factory=list)
     """Voters whose votes counted towards a quorum, the latest first: the thrifty
     leader sends new slots at once to as many of the first as a quorum needs (then to
@@ -1446,24 +1449,30 @@ class PaxosNode:
 
     def _send_due_news(self, ls: _LeaderState) -> None:
         """Once ``commit_delay_ms`` has passed: a lone Commit to peers no Accept or
-        Heartbeat told of the commit index, and -- when the oldest open slot has waited
-        that long for its quorum -- the slots held back from lazy voters (thrifty)."""
+        Heartbeat told of the commit index; and the slots held back from lazy voters
+        (thrifty) when the oldest open slot has waited that long for its quorum, or when
+        nothing was proposed for ``thrifty_quiet_ms`` (a quiet group converges soon)."""
         now = self._now_ms
+        delay = self._options.commit_delay_ms
         oldest = ls.inflight.get(self._commit + 1)
-        stalled = oldest is not None and now >= oldest.proposed_ms + self._options.commit_delay_ms
+        stalled = oldest is not None and now >= oldest.proposed_ms + delay
         due = ls.news_due_ms
         news_due = due is not None and now >= due
         if not (stalled or news_due):
             return
         if news_due:
             ls.news_due_ms = None
+        quiet_ms = ls.proposed_ms + self._options.thrifty_quiet_ms
+        quiet = now >= quiet_ms
         for node in self._targets():
             peer = self._peer(node)
-            if peer.sent_slot + 1 < ls.next_slot:
+            if self._first_unsent(ls, peer) < ls.next_slot:
                 # Slots were held back from this peer: its commit news goes with them,
-                # with the next heartbeat, or now if the quorum is slow to answer.
-                if stalled:
+                # with the next heartbeat, or as soon as the group is quiet or slow.
+                if stalled or quiet:
                     self._send_pending_accepts(ls, node)
+                else:
+                    ls.news_due_ms = quiet_ms
                 continue
             if news_due and peer.commit_sent < self._commit:
                 peer.commit_sent = self._commit
@@ -1508,10 +1517,13 @@ class PaxosNode:
             responders.remove(node)
         responders.insert(0, node)
 
+    def _first_unsent(self, ls: _LeaderState, peer: _PeerProgress) -> Slot:
+        """The first slot of this ballot not sent to ``peer`` (``ls.next_slot``: none)."""
+        return Slot(max(peer.sent_slot + 1, ls.base_slot, self._log.first_slot))
+
     def _send_pending_accepts(self, ls: _LeaderState, node: NodeId) -> bool:
         """Send ``node`` the slots of this ballot it was not sent yet; False if none."""
-        peer = self._peer(node)
-        first = max(peer.sent_slot + 1, ls.base_slot, self._log.first_slot)
+        first = self._first_unsent(ls, self._peer(node))
         if first >= ls.next_slot:
             return False
         entries: list[Entry] = []
@@ -1557,6 +1569,7 @@ class PaxosNode:
             ls.next_slot = Slot(slot + 1)
         if ls.next_slot == first_new:
             return
+        ls.proposed_ms = self._now_ms
         entries = tuple(ls.inflight[s].entry for s in range(first_new, ls.next_slot))
         self._accept_votes(ls.ballot, first_new, entries)
         last = Slot(ls.next_slot - 1)

@@ -38,11 +38,16 @@ class PaxosOptions:
     thrifty: bool = True
     """Send new slots at once only to as many voters as a quorum needs -- those whose
     votes counted last -- and to the other voters with the next heartbeat, many slots
-    per message ("thrifty" Paxos). In a group of three that spares one follower a
-    wake-up, a vote and an fsync per command, and the leader a message each way. The
-    price: when the quorum is slow to answer, the oldest open slot waits
-    ``commit_delay_ms`` (or until the owner's next tick) before the other voters get
-    it; and those voters apply up to a heartbeat interval later."""
+    per message ("thrifty" Paxos), or once nothing was proposed for
+    ``thrifty_quiet_ms``. In a group of three that spares one follower a wake-up, a vote
+    and an fsync per command, and the leader a message each way. The price: when the
+    quorum is slow to answer, the oldest open slot waits ``commit_delay_ms`` (or until
+    the owner's next tick) before the other voters get it; and under steady load those
+    voters apply up to a heartbeat interval later."""
+    thrifty_quiet_ms: int = 20
+    """A thrifty leader that proposed nothing for this long sends the other voters what
+    it held back, so that a quiet group converges well before the next heartbeat. Long
+    enough that commands coming one at a time on a loaded machine do not set it off."""
     election_timeout_ms: int = 500
     """A follower that hears no leader for a random time in [T, 2T) probes for election."""
     backoff_level_max: int = 3
@@ -84,6 +89,7 @@ class PaxosOptions:
     def __post_init__(self) -> None:
         invariant(self.heartbeat_interval_ms > 0, "heartbeat interval must be positive")
         invariant(self.commit_delay_ms >= 0, "commit delay must not be negative")
+        invariant(self.thrifty_quiet_ms >= 0, "thrifty quiet time must not be negative")
         invariant(
             self.election_timeout_ms >= 2 * self.heartbeat_interval_ms,
             "election timeout must span at least two heartbeats",

@@ -18,7 +18,7 @@ Commands (``<n>`` is a node id):
 
 ``add-nodes <count> [read=lease] [lease=<ms>] [drift=<ppm>] [window=<slots>]
 [batch=<commands>] [page=<entries>] [chunk=<bytes>] [retain=<slots>]
-[commit-delay=<ms>] [thrifty=1]``
+[commit-delay=<ms>] [thrifty=1] [quiet=<ms>]``
     create the founding voters 1..count (election timeout 100 ms, heartbeat 10 ms;
     commit news at once and every slot to every peer at once, unless ``commit-delay``
     and ``thrifty`` say otherwise)
@@ -348,6 +348,7 @@ class InteractionEnv:
             learner_lag_slots_max=4,
             commit_delay_ms=int(settings.get("commit-delay", 0)),
             thrifty=settings.get("thrifty") == "1",
+            thrifty_quiet_ms=int(settings.get("quiet", 20)),
         )
         voters = tuple(NodeId(i) for i in range(1, count + 1))
         self.checker = SafetyChecker(voters, self.options.window_slots, self.disabled_checks)

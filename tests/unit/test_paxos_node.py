@@ -225,6 +225,22 @@ def test_a_thrifty_leader_sends_new_slots_at_once_only_to_a_quorum() -> None:
         assert follower is not None and follower.applied_index == 1
 
 
+def test_a_quiet_thrifty_leader_sends_held_back_slots_after_the_quiet_time() -> None:
+    env = group(3, batch="1", thrifty="1", quiet="7", **{"commit-delay": "5"})
+    leader = elect(env)
+    lazy = env.owners[N3].node
+    assert lazy is not None
+    for command in (b"a", b"b"):
+        leader.propose(command)
+        env.run("stabilize")
+    assert leader.commit_index == 2 and lazy.applied_index == 0
+    env.run("tick 6 1")
+    assert "1->3" not in env.run("stabilize")
+    env.run("tick 1 1")
+    assert "1->3 Accept b=1.1 slots=1..2 [a] [b] commit=2" in env.run("stabilize")
+    assert lazy.applied_index == 2, "a quiet group converges well before a heartbeat"
+
+
 def test_a_new_thrifty_leader_first_sends_to_a_follower_that_promised() -> None:
     env = group(3, batch="1", thrifty="1", **{"commit-delay": "5"})
     env.run("crash 1")
