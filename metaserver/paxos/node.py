@@ -1462,8 +1462,8 @@ class PaxosNode:
             return
         if news_due:
             ls.news_due_ms = None
-        quiet_ms = ls.proposed_ms + self._options.thrifty_quiet_ms
-        quiet = now >= quiet_ms
+        quiet_at_ms = ls.proposed_ms + self._options.thrifty_quiet_ms
+        quiet = now >= quiet_at_ms
         for node in self._targets():
             peer = self._peer(node)
             if self._first_unsent(ls, peer) < ls.next_slot:
@@ -1472,7 +1472,7 @@ class PaxosNode:
                 if stalled or quiet:
                     self._send_pending_accepts(ls, node)
                 else:
-                    ls.news_due_ms = quiet_ms
+                    ls.news_due_ms = quiet_at_ms
                 continue
             if news_due and peer.commit_sent < self._commit:
                 peer.commit_sent = self._commit
@@ -1487,8 +1487,8 @@ class PaxosNode:
     def _lazy_peers(self, ls: _LeaderState) -> frozenset[NodeId]:
         """Voters that get new slots only with the next heartbeat, or once the quorum is
         slow (``PaxosOptions.thrifty``): all but the quorum's worth whose votes counted
-        last. None while a membership change is pending (two quorums to gather), and
-        learners never (they must keep up to be promoted)."""
+        last. None while a membership change is pending (two quorums to gather); never
+        a learner (it must keep up to be promoted)."""
         configs = self._configs
         if not self._options.thrifty or configs is None:
             return frozenset()
