@@ -71,6 +71,7 @@ from dataserver.block_format import (
 )
 from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
 from dataserver.write_behind import WriteBehind
+from wire.framing import PAYLOAD_BUFFERS
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
 
@@ -302,12 +303,14 @@ class ChunkFile:
 
     # ---- reads ----------------------------------------------------------------------------
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int) -> bytes | memoryview:
         """Return up to ``size`` bytes at ``offset``, fewer at the end of the replica.
 
         Only the blocks in the range are read, and each is verified; holes read as zeros.
         Neighbouring whole uncompressed blocks in one slot region are fetched with one
-        ``pread`` whose result is returned without a copy when it is the whole answer.
+        read into a reused payload buffer (see :class:`wire.framing.PayloadBuffers`), whose
+        view is returned without a copy when it is the whole answer; the buffer goes back
+        to the pool when the caller lets go of the view.
         """
         if offset < 0 or size < 0:
             raise InvalidRequest(f"negative offset {offset} or size {size}")
@@ -327,7 +330,7 @@ class ChunkFile:
                 pieces.append(memoryview(content)[lo : min(hi, len(content))])
             if hi > len(content):
                 pieces.append(bytes(hi - max(lo, len(content))))
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+        if len(pieces) == 1:
             return pieces[0]
         return b"".join(pieces)
 
@@ -349,7 +352,10 @@ class ChunkFile:
             offset = self.layout.slot_offset(block, entry.slot)
             span = (len(run) - 1) * BLOCK_SIZE_BYTES + run[-1].stored_len
             if all(_is_full_raw(member) for member in run):
-                raw = os.pread(self.fd, span, offset)
+                # Fresh multi-MiB memory faults in page by page, which cost more than the
+                # kernel's copy; a recycled buffer is already mapped.
+                buffer = PAYLOAD_BUFFERS.take(span)
+                raw = memoryview(buffer)[: os.preadv(self.fd, [buffer], offset)]
                 self._check_run(block, run, raw)
                 yield block * BLOCK_SIZE_BYTES, len(raw), raw
             else:
@@ -365,14 +371,13 @@ class ChunkFile:
                     yield (block + position) * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES, content
             block += len(run)
 
-    def _check_run(self, first: int, run: list[BlockEntry], raw: bytes) -> None:
+    def _check_run(self, first: int, run: list[BlockEntry], raw: memoryview) -> None:
         """Verify whole uncompressed blocks read together into ``raw``."""
-        view = memoryview(raw)
         for position, entry in enumerate(run):
             lo = position * BLOCK_SIZE_BYTES
             if len(raw) < lo + BLOCK_SIZE_BYTES:
                 raise self._bad(first + position, "stored bytes are missing")
-            if block_crc(view[lo : lo + BLOCK_SIZE_BYTES]) != entry.crc:
+            if block_crc(raw[lo : lo + BLOCK_SIZE_BYTES]) != entry.crc:
                 raise self._bad(first + position, "checksum mismatch")
 
     def _block_content(self, block: int) -> bytes | memoryview:

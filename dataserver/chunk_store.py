@@ -656,12 +656,13 @@ class ChunkStore:
         """Up to ``size`` bytes at ``offset``; fewer at the end of the replica, b"" past it.
 
         Raises :class:`ChecksumError` naming the first bad block in the range."""
-        return self.read_with_length(chunk_id, version, offset, size)[0]
+        return bytes(self.read_with_length(chunk_id, version, offset, size)[0])
 
     def read_with_length(
         self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
-    ) -> tuple[bytes, int]:
-        """:meth:`read`, and the replica's length at the time of the read."""
+    ) -> tuple[bytes | memoryview, int]:
+        """:meth:`read` (as a view of a reused buffer where that spares a copy), and the
+        replica's length at the time of the read."""
         with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
             return chunk_file.read(offset, size), chunk_file.length_bytes
 

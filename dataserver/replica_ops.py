@@ -299,7 +299,7 @@ class ReplicaOps:
 
     def read(
         self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
-    ) -> tuple[bytes, int]:
+    ) -> tuple[bytes | memoryview, int]:
         """(data, replica length); a checksum failure marks the replica corrupt."""
         self.check_readable(chunk_id, version)
         try:
