@@ -6,9 +6,11 @@ without delays: every Ready is persisted (in memory), its messages delivered, an
 they measure the core's own cost and not the machine's load.
 
 * batch 1 / 16 / 256, one batch in flight: each round proposes exactly one batch and
-  waits until it is committed everywhere. Messages per committed command is then the
-  protocol's cost: Accept, Accepted and Commit to and from each follower, divided by
-  the commands in the slot.
+  delivers messages until nothing moves (the clock stands still, so no heartbeat fires).
+  Messages per committed command is then the protocol's cost on the critical path,
+  divided by the commands in the slot: with thrifty Accepts (the default) an Accept to
+  the one follower that completes a quorum of three, and its Accepted; the other
+  follower's copy and the commit notices ride on later Accepts and heartbeats.
 * pipelined: the leader's queue is kept full, many slots are in flight (window 64),
   batches of up to 256 commands: the throughput an owner can hope for from the core.
 * the same, with every message encoded and decoded by msgpack through the wire codec,
