@@ -68,6 +68,26 @@ def fuse_options(config: Config, extra: tuple[str, ...]) -> set[str]:
     return options
 
 
+def set_kernel_readahead(mountpoint: str, device: int, readahead_bytes: int) -> None:
+    """Set the kernel's read-ahead of the mount on ``device`` (its ``read_ahead_kb``), as
+    mergerfs's ``readahead`` does: FUSE lets a file system lower the 128 KiB default but
+    not raise it, and the read-ahead also caps each read request.  Only root may write
+    it; without it the mount works with smaller reads, so a failure is a warning."""
+    if not readahead_bytes:
+        return
+    setting = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(setting, "w") as handle:
+            handle.write(str(readahead_bytes // 1024))
+    except OSError as error:
+        log.warning(
+            "%s: kernel read-ahead stays at its default (reads come in 128 KiB): %s: %s",
+            mountpoint,
+            setting,
+            error.strerror or error,
+        )
+
+
 def check_mountpoint(mountpoint: str) -> None:
     path = Path(mountpoint)
     if not path.is_dir():
@@ -89,10 +109,22 @@ async def serve_mount(
                 raise MountFailed(f"cannot mount {request.mountpoint}: {error}") from None
             unmounted = False
             try:
-                if on_ready is not None:
-                    on_ready()
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async with trio.open_nursery() as nursery:
+
+                        async def announce_when_live() -> None:
+                            # The mount answers once the kernel's INIT is done, which
+                            # also resets the read-ahead: only then is it raised.
+                            status = await trio.to_thread.run_sync(
+                                os.stat, request.mountpoint, abandon_on_cancel=True
+                            )
+                            set_kernel_readahead(
+                                request.mountpoint,
+                                status.st_dev,
+                                config.mount.kernel_readahead_bytes,
+                            )
+                            if on_ready is not None:
+                                on_ready()
 
                         async def stop_on_signal() -> None:
                             async for signum in signals:
@@ -101,6 +133,7 @@ async def serve_mount(
                                 return
 
                         nursery.start_soon(stop_on_signal)
+                        nursery.start_soon(announce_when_live)
                         nursery.start_soon(operations.list_ahead_forever)
                         await pyfuse3.main(max_tasks=MAX_TASKS)
                         unmounted = True

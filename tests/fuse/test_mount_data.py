@@ -23,6 +23,7 @@ from tests.fuse.conftest import (
     running_cluster,
 )
 from tools.local_cluster import is_mounted, paxfs_command, spawn, stop_processes, unmount
+from wire.config import KERNEL_READAHEAD_BYTES_DEFAULT
 
 
 def seed_of(request: pytest.FixtureRequest) -> int:
@@ -88,6 +89,26 @@ def test_large_sequential_file_round_trip(workdir: Path) -> None:
         for index in range(12):
             assert handle.read(1 << 20) == block, index
         assert handle.read(1) == b""
+
+
+def test_cold_sequential_reads_come_in_large_requests_and_match(
+    cluster: LocalCluster, workdir: Path
+) -> None:
+    """The mount raises its kernel read-ahead as configured, so a cold sequential read
+    reaches it in 1 MiB requests, each spanning several 256 KiB chunks; bytes still match."""
+    device = os.stat(cluster.mountpoint).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    assert int(setting.read_text()) == KERNEL_READAHEAD_BYTES_DEFAULT // 1024
+    data = os.urandom(5 * (1 << 20) + 12345)
+    path = workdir / "cold"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        read_back = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+    assert read_back == data
 
 
 @contextmanager
