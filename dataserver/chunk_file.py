@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -71,7 +72,7 @@ from dataserver.block_format import (
 )
 from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
 from dataserver.write_behind import WriteBehind
-from wire.framing import PAYLOAD_BUFFERS
+from wire.framing import PAYLOAD_BUFFERS, FileRange
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
 
@@ -333,6 +334,43 @@ class ChunkFile:
         if len(pieces) == 1:
             return pieces[0]
         return b"".join(pieces)
+
+    def read_to_send(self, offset: int, size: int) -> FileRange | bytes | memoryview:
+        """:meth:`read` for a reply: a range inside one run of whole uncompressed blocks
+        is verified where it lies (the blocks are mapped, not copied) and returned as a
+        :class:`~wire.framing.FileRange` of this file, which the connection sends with
+        ``sendfile``; any other range, or one that cannot be mapped, is :meth:`read`.
+
+        The caller holds the chunk lock (shared), so the file does not shrink while it
+        is mapped; what is sent after the lock is let go is what lay there when checked
+        unless a writer changed it meanwhile, which a reader racing a writer may see
+        with any read."""
+        if offset < 0 or size < 0:
+            raise InvalidRequest(f"negative offset {offset} or size {size}")
+        end = min(offset + size, self.length_bytes)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK_SIZE_BYTES, (end - 1) // BLOCK_SIZE_BYTES
+        run = [entry for entry in self._entries[first : last + 1] if _is_full_raw(entry)]
+        if len(run) != last + 1 - first or any(entry.slot != run[0].slot for entry in run):
+            return self.read(offset, size)
+        start = self.layout.slot_offset(first, run[0].slot)
+        span = len(run) * BLOCK_SIZE_BYTES
+        try:
+            # A mapping past the end of the file would fault (SIGBUS) when touched.
+            if os.fstat(self.fd).st_size < start + span:
+                return self.read(offset, size)
+            os.posix_fadvise(self.fd, start, span, os.POSIX_FADV_WILLNEED)
+            mapped = mmap.mmap(self.fd, span, access=mmap.ACCESS_READ, offset=start)
+            duplicate = os.dup(self.fd)
+        except OSError:
+            return self.read(offset, size)  # out of descriptors or mappings: copy instead
+        try:
+            self._check_run(first, run, memoryview(mapped))
+        except BaseException:
+            os.close(duplicate)
+            raise
+        return FileRange(duplicate, start + offset - first * BLOCK_SIZE_BYTES, end - offset)
 
     def _segments(self, first: int, last: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
         """Verified contents of blocks ``first..last`` as (logical start, span, content)."""

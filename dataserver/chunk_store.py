@@ -68,6 +68,7 @@ from dataserver.chunk_file import (
     Failpoint,
     read_header,
 )
+from wire.framing import FileRange
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
 
@@ -656,15 +657,16 @@ class ChunkStore:
         """Up to ``size`` bytes at ``offset``; fewer at the end of the replica, b"" past it.
 
         Raises :class:`ChecksumError` naming the first bad block in the range."""
-        return bytes(self.read_with_length(chunk_id, version, offset, size)[0])
+        with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
+            return bytes(chunk_file.read(offset, size))
 
-    def read_with_length(
+    def read_to_send(
         self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
-    ) -> tuple[bytes | memoryview, int]:
-        """:meth:`read` (as a view of a reused buffer where that spares a copy), and the
+    ) -> tuple[FileRange | bytes | memoryview, int]:
+        """:meth:`read` as a reply's payload (see :meth:`ChunkFile.read_to_send`), and the
         replica's length at the time of the read."""
         with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
-            return chunk_file.read(offset, size), chunk_file.length_bytes
+            return chunk_file.read_to_send(offset, size), chunk_file.length_bytes
 
     def truncate(self, chunk_id: ChunkId, version: ChunkVersion, length_bytes: int) -> int:
         """Set the replica's length (shrink drops data, growth reads as zeros); needs sync.

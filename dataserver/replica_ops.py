@@ -29,6 +29,7 @@ from dataserver.chunk_store import (
     StaleVersion,
 )
 from wire.cluster_ops import INCREMENTAL_REPLICAS_MAX, ReplicaKey, ReplicaReport
+from wire.framing import FileRange
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import invariant
 
@@ -299,11 +300,11 @@ class ReplicaOps:
 
     def read(
         self, chunk_id: ChunkId, version: ChunkVersion, offset: int, size: int
-    ) -> tuple[bytes | memoryview, int]:
-        """(data, replica length); a checksum failure marks the replica corrupt."""
+    ) -> tuple[FileRange | bytes | memoryview, int]:
+        """(data to send, replica length); a checksum failure marks the replica corrupt."""
         self.check_readable(chunk_id, version)
         try:
-            return self.store.read_with_length(chunk_id, version, offset, size)
+            return self.store.read_to_send(chunk_id, version, offset, size)
         except CorruptReplica as error:
             self._note_corrupt(chunk_id, version, "read", error.reason)
             raise

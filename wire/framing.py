@@ -48,6 +48,43 @@ caller then waits in :meth:`FrameWriter.send`): what a peer that stops reading c
 
 Payload = bytes | bytearray | memoryview
 
+
+class FileRange:
+    """``length`` bytes of an open file from ``offset``, sent as a frame's payload with
+    ``sendfile(2)``: the kernel hands page-cache pages to the socket, and this process
+    copies nothing.  The object owns ``fd`` (pass a duplicate): it is closed once the
+    bytes are sent, or when the range is dropped unsent.  A file that ends before the
+    range does breaks the writer (the frame cannot be completed)."""
+
+    __slots__ = ("fd", "offset", "remaining")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.remaining = length
+
+    def __len__(self) -> int:
+        return self.remaining
+
+    def read(self) -> bytes:
+        """What is left of the range, read with ``pread`` (for streams without a socket)."""
+        data = os.pread(self.fd, self.remaining, self.offset)
+        if len(data) != self.remaining:
+            raise trio.BrokenResourceError("file ended inside the range being sent")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+OutgoingPayload = Payload | FileRange
+"""What a frame's payload may be on the way out."""
+
 RECYCLED_PAYLOAD_BYTES_MIN = 64 * 1024
 """Payloads below this size get a fresh buffer: small allocations are cheap."""
 RECYCLED_PAYLOAD_BYTES_MAX = 16 * 1024 * 1024
@@ -384,14 +421,14 @@ class FrameWriter:
         self._socket = _socket_of(stream)
         self._send_timeout_s = send_timeout_s
         self._lock = trio.Lock()
-        self._queue: list[Payload] = []
+        self._queue: list[OutgoingPayload] = []
         self._queued_bytes = 0
         self._queue_written = trio.Event()
         self._work = trio.Event()
         self._flusher_running = False
         self.broken = False
 
-    async def send(self, header: Any, payload: Payload | None = None) -> None:
+    async def send(self, header: Any, payload: OutgoingPayload | None = None) -> None:
         """Queue one frame and return once it has been written."""
         if self.broken:
             raise trio.ClosedResourceError("frame writer is broken")
@@ -400,8 +437,8 @@ class FrameWriter:
         prefix = frame_prefix(header_bytes, payload_length)
         self._queue.append(prefix)
         self._queued_bytes += len(prefix) + payload_length
-        if payload_length:
-            self._queue.append(payload)  # type: ignore[arg-type]
+        if payload is not None and payload_length:
+            self._queue.append(payload)
         written = self._queue_written
         if self._flusher_running:
             self._work.set()
@@ -497,26 +534,50 @@ class FrameWriter:
             written.set()
 
     @staticmethod
-    def _write_now(sock: trio.socket.SocketType, parts: list[Payload]) -> list[Payload]:
-        """Write what the socket takes without waiting (``writev``); what is left."""
+    def _write_now(
+        sock: trio.socket.SocketType, parts: list[OutgoingPayload]
+    ) -> list[OutgoingPayload]:
+        """Write what the socket takes without waiting (``writev``, or ``sendfile`` for
+        a :class:`FileRange`); what is left."""
         fd = sock.fileno()
         while parts:
+            first = parts[0]
+            if isinstance(first, FileRange):
+                try:
+                    sent = os.sendfile(fd, first.fd, first.offset, first.remaining)
+                except BlockingIOError:
+                    return parts
+                except OSError as error:
+                    raise _os_error(error, sock) from error
+                if sent == 0:
+                    raise trio.BrokenResourceError("file ended inside the range being sent")
+                first.offset += sent
+                first.remaining -= sent
+                if not first.remaining:
+                    first.close()
+                    parts = parts[1:]
+                continue
+            buffers: list[Payload] = []
+            for part in parts[:IOV_MAX]:
+                if isinstance(part, FileRange):
+                    break
+                buffers.append(part)
             try:
-                sent = os.writev(fd, parts[:IOV_MAX])
+                sent = os.writev(fd, buffers)
             except BlockingIOError:
                 return parts
             except OSError as error:
                 raise _os_error(error, sock) from error
             index = 0
-            while index < len(parts) and sent >= len(parts[index]):
-                sent -= len(parts[index])
+            while index < len(buffers) and sent >= len(buffers[index]):
+                sent -= len(buffers[index])
                 index += 1
             parts = parts[index:]
             if sent:
-                parts[0] = memoryview(parts[0])[sent:]
+                parts[0] = memoryview(buffers[index])[sent:]
         return parts
 
-    async def _send_parts(self, parts: list[Payload]) -> None:
+    async def _send_parts(self, parts: list[OutgoingPayload]) -> None:
         sock = self._socket
         if sock is not None:
             # The descriptor directly, as in _write_now: trio's send_all pays its per-call
@@ -527,6 +588,8 @@ class FrameWriter:
             return
         small: list[Payload] = []
         for part in parts:
+            if isinstance(part, FileRange):
+                part = part.read()
             if len(part) >= SMALL_PART_BYTES:
                 if small:
                     await self._stream.send_all(b"".join(small))

@@ -47,7 +47,7 @@ import trio
 
 from wire import schema
 from wire.errors import ConnectionLost, ProtocolError, RpcError
-from wire.framing import FrameReader, FrameWriter, Payload
+from wire.framing import FrameReader, FrameWriter, OutgoingPayload, Payload
 from wire.invariant import invariant
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ Rep = TypeVar("Rep")
 
 @dataclass(frozen=True)
 class WithPayload(Generic[Rep]):
-    """A handler's reply together with bulk bytes sent beside it."""
+    """A handler's reply together with bulk bytes sent beside it (bytes, or a range of
+    a file that the connection sends with ``sendfile``)."""
 
     reply: Rep
-    payload: Payload
+    payload: OutgoingPayload
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,7 @@ class RpcConnection:
             pass
 
     async def _send(
-        self, header: list[Any], payload: Payload | None, *, wait: bool = False
+        self, header: list[Any], payload: OutgoingPayload | None, *, wait: bool = False
     ) -> None:
         """Hand a frame to the writer: queued without waiting when it can be (no payload
         to keep untouched, room in the writer's queue, no ``wait`` for the write), else
@@ -633,7 +634,7 @@ class RpcConnection:
         self, scope: trio.CancelScope, call_id: int, name: str, body: Any, payload: Payload | None
     ) -> None:
         envelope: list[Any] = [ERROR, errno.ETIMEDOUT, f"{name}: deadline passed or cancelled"]
-        reply_payload: Payload | None = None
+        reply_payload: OutgoingPayload | None = None
         try:
             with scope:
                 envelope, reply_payload = await self._run_handler(name, body, payload)
@@ -646,7 +647,7 @@ class RpcConnection:
 
     async def _run_handler(
         self, name: str, body: Any, payload: Payload | None
-    ) -> tuple[list[Any], Payload | None]:
+    ) -> tuple[list[Any], OutgoingPayload | None]:
         """Run the handler; return the envelope without its call id, and any payload."""
         entry = self._handlers.lookup(name)
         if entry is None:

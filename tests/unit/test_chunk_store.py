@@ -32,6 +32,7 @@ from dataserver.chunk_store import (
     StoreInUse,
     replica_file_name,
 )
+from wire.framing import FileRange
 from wire.ids import ChunkId, ChunkVersion
 
 B = BLOCK_SIZE_BYTES
@@ -322,6 +323,49 @@ def test_flipped_bit_is_named_by_read_and_verify(store: ChunkStore, compressed: 
         reopened.write(C1, V1, 5 * B, data[5 * B : 6 * B])
         assert reopened.verify(C1, V1) == []
         assert reopened.read(C1, V1, 0, CHUNK) == data
+
+
+def _sent_bytes(payload: FileRange | bytes | memoryview) -> bytes:
+    if isinstance(payload, FileRange):
+        data = os.pread(payload.fd, payload.remaining, payload.offset)
+        payload.close()
+        return data
+    return bytes(payload)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "zstd"])
+def test_a_reply_range_is_sent_from_the_file_where_it_can_be(
+    store: ChunkStore, compressed: bool
+) -> None:
+    """Whole uncompressed blocks become a range of the replica file (sent by sendfile),
+    from any offset inside them; compressed blocks, holes and a short last block are
+    copied.  Either way the bytes are the ones written."""
+    data = _payload(_rng("to_send"), 10 * B + 123, compressible=True)
+    store.create(C1, V1, compressed=compressed)
+    store.write(C1, V1, 0, data)
+    store.write(C1, V1, 14 * B, b"after a hole")
+    store.sync(C1, V1)
+    expected = data + bytes(14 * B - len(data)) + b"after a hole"
+    for offset, size in [(0, 4 * B), (7, 3 * B), (B, 9 * B), (9 * B, 2 * B), (10 * B, 5 * B)]:
+        payload, length = store.read_to_send(C1, V1, offset, size)
+        assert length == len(expected)
+        whole_raw_blocks = not compressed and offset + size <= 10 * B
+        assert isinstance(payload, FileRange) == whole_raw_blocks, (offset, size)
+        assert _sent_bytes(payload) == expected[offset : offset + size], (offset, size)
+
+
+def test_a_flipped_bit_is_caught_before_a_range_is_sent(store: ChunkStore) -> None:
+    data = _payload(_rng("to_send_flip"), 8 * B, compressible=False)
+    store.create(C1, V1, compressed=False)
+    store.write(C1, V1, 0, data)
+    store.sync(C1, V1)
+    store.close()
+    _flip_byte(_file_path(store, C1, V1), _slot_offset(store, 3, 0) + 100)
+    with ChunkStore(store.directory, chunk_size_bytes=CHUNK) as reopened:
+        with pytest.raises(ChecksumError) as caught:
+            reopened.read_to_send(C1, V1, 0, 8 * B)
+        assert caught.value.block_index == 3
+        assert _sent_bytes(reopened.read_to_send(C1, V1, 4 * B, 4 * B)[0]) == data[4 * B :]
 
 
 def test_verify_covers_chunks_larger_than_one_lock_batch(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -19,6 +20,7 @@ from wire.framing import (
     RECEIVE_BYTES,
     RECYCLED_PAYLOAD_BYTES_MAX,
     RECYCLED_PAYLOAD_BYTES_MIN,
+    FileRange,
     FrameLimits,
     FrameReader,
     FrameWriter,
@@ -270,6 +272,56 @@ async def test_frames_of_every_size_arrive_intact_over_a_socket() -> None:
         for header, payload in frames:
             await writer.send(header, payload or None)
     assert received == [(header, payload or None) for header, payload in frames]
+
+
+async def test_file_ranges_arrive_as_their_bytes_between_ordinary_frames(tmp_path: Path) -> None:
+    """A FileRange payload goes out with sendfile, also when the socket fills up and the
+    rest waits; frames before and after it keep their order, and the range's descriptor
+    is closed once its bytes are sent."""
+    content = os.urandom(6 << 20)
+    path = tmp_path / "replica"
+    path.write_bytes(content)
+    spans = [(0, 1), (5, 4 << 20), (1 << 20, 2 << 20), (len(content) - 10, 10)]
+    send, receive = await _socket_pair()
+    reader = FrameReader(receive, DEFAULT_LIMITS, PayloadBuffers())
+    received: list[tuple[object, bytes | None]] = []
+
+    async def read_all() -> None:
+        for _ in range(2 * len(spans)):
+            frame = await reader.receive()
+            assert frame is not None
+            received.append((frame[0], None if frame[1] is None else bytes(frame[1])))
+
+    ranges = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        writer = FrameWriter(send)
+        for index, (offset, length) in enumerate(spans):
+            ranges.append(FileRange(os.open(path, os.O_RDONLY), offset, length))
+            await writer.send(["file", index], ranges[-1])
+            await writer.send(["bytes", index], b"after")
+    assert received == [
+        frame
+        for index, (offset, length) in enumerate(spans)
+        for frame in (
+            (["file", index], content[offset : offset + length]),
+            (["bytes", index], b"after"),
+        )
+    ]
+    assert all(sent.fd == -1 for sent in ranges)
+
+
+async def test_a_file_shorter_than_its_range_breaks_the_writer(tmp_path: Path) -> None:
+    """The frame's length was promised; a file that ends early cannot fill it, so the
+    writer breaks (the owner closes the connection) instead of hanging or lying."""
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 1000)
+    send, _receive = await _socket_pair()
+    writer = FrameWriter(send)
+    short = FileRange(os.open(path, os.O_RDONLY), 500, 1000)
+    with pytest.raises(trio.BrokenResourceError):
+        await writer.send(["file"], short)
+    assert writer.broken
 
 
 async def test_a_payload_held_by_its_receiver_is_never_overwritten() -> None:
