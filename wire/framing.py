@@ -8,8 +8,10 @@ The header is a small msgpack value (an RPC envelope).  The payload is bulk
 data (chunk contents) that never passes through msgpack: it is written with
 ``writev`` straight from the caller's buffer and read with ``readv`` straight
 into its own buffer, so megabytes are copied once by the kernel on each side,
-with no Python loop over bytes or blocks.  Payload buffers are recycled
-(:class:`PayloadBuffers`) once their receiver has dropped them.
+with no Python loop over bytes or blocks; a payload that is a range of a file
+(:class:`FileRange`) goes out with ``sendfile`` and is not copied by the sender
+at all.  Payload buffers are recycled (:class:`PayloadBuffers`) once their
+receiver has dropped them.
 
 Every length is checked against :class:`FrameLimits` *before* anything is
 allocated; a violation raises :class:`~wire.errors.ProtocolError`, and the
