@@ -361,15 +361,14 @@ class ChunkFile:
             if os.fstat(self.fd).st_size < start + span:
                 return self.read(offset, size)
             os.posix_fadvise(self.fd, start, span, os.POSIX_FADV_WILLNEED)
-            mapped = mmap.mmap(self.fd, span, access=mmap.ACCESS_READ, offset=start)
+            crcs = _mapped_block_crcs(self.fd, start, span)
             duplicate = os.dup(self.fd)
         except OSError:
             return self.read(offset, size)  # out of descriptors or mappings: copy instead
-        try:
-            self._check_run(first, run, memoryview(mapped))
-        except BaseException:
-            os.close(duplicate)
-            raise
+        for position, (entry, crc) in enumerate(zip(run, crcs, strict=True)):
+            if crc != entry.crc:
+                os.close(duplicate)
+                raise self._bad(first + position, "checksum mismatch")
         return FileRange(duplicate, start + offset - first * BLOCK_SIZE_BYTES, end - offset)
 
     def _segments(self, first: int, last: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
@@ -770,6 +769,21 @@ def _durable_form(entry: _Entry) -> BlockEntry | None:
     if isinstance(entry, _CorruptEntry):
         raise InvariantViolation("a damaged index entry was marked for writing")
     return entry
+
+
+def _mapped_block_crcs(fd: int, start: int, span: int) -> list[int]:
+    """The CRC32C of each block of ``fd``'s ``[start, start + span)``, read through a
+    mapping (the page cache itself, no copy) that is gone when this returns: mmap holds a
+    descriptor of its own, which must not outlive the call."""
+    mapped = mmap.mmap(fd, span, access=mmap.ACCESS_READ, offset=start)
+    try:
+        with memoryview(mapped) as view:
+            return [
+                block_crc(view[lo : lo + BLOCK_SIZE_BYTES])
+                for lo in range(0, span, BLOCK_SIZE_BYTES)
+            ]
+    finally:
+        mapped.close()
 
 
 def _is_full_raw(entry: _Entry) -> TypeGuard[BlockEntry]:
