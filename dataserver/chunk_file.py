@@ -365,10 +365,11 @@ class ChunkFile:
             duplicate = os.dup(self.fd)
         except OSError:
             return self.read(offset, size)  # out of descriptors or mappings: copy instead
-        for position, (entry, crc) in enumerate(zip(run, crcs, strict=True)):
-            if crc != entry.crc:
-                os.close(duplicate)
-                raise self._bad(first + position, "checksum mismatch")
+        try:
+            self._check_crcs(first, run, crcs)
+        except ChecksumError:
+            os.close(duplicate)
+            raise
         return FileRange(duplicate, start + offset - first * BLOCK_SIZE_BYTES, end - offset)
 
     def _segments(self, first: int, last: int) -> Iterator[tuple[int, int, bytes | memoryview]]:
@@ -410,11 +411,20 @@ class ChunkFile:
 
     def _check_run(self, first: int, run: list[BlockEntry], raw: memoryview) -> None:
         """Verify whole uncompressed blocks read together into ``raw``."""
+        whole_blocks_end = len(raw) - len(raw) % BLOCK_SIZE_BYTES
+        crcs = [
+            block_crc(raw[lo : lo + BLOCK_SIZE_BYTES])
+            for lo in range(0, whole_blocks_end, BLOCK_SIZE_BYTES)
+        ]
+        self._check_crcs(first, run, crcs)
+
+    def _check_crcs(self, first: int, run: list[BlockEntry], crcs: list[int]) -> None:
+        """Compare the CRC32C of each stored block of ``run`` (``crcs``, in order; fewer
+        than the run where its last blocks are missing) with its index entry."""
         for position, entry in enumerate(run):
-            lo = position * BLOCK_SIZE_BYTES
-            if len(raw) < lo + BLOCK_SIZE_BYTES:
+            if position >= len(crcs):
                 raise self._bad(first + position, "stored bytes are missing")
-            if block_crc(raw[lo : lo + BLOCK_SIZE_BYTES]) != entry.crc:
+            if crcs[position] != entry.crc:
                 raise self._bad(first + position, "checksum mismatch")
 
     def _block_content(self, block: int) -> bytes | memoryview:

@@ -200,6 +200,17 @@ def _socket_of(stream: object) -> trio.socket.SocketType | None:
     return sock if isinstance(sock, trio.socket.SocketType) else None
 
 
+def _buffers_before_file(parts: list[OutgoingPayload]) -> list[Payload]:
+    """The leading buffers of ``parts`` that one ``writev`` takes: up to the first
+    :class:`FileRange`, at most ``IOV_MAX``."""
+    buffers: list[Payload] = []
+    for part in parts[:IOV_MAX]:
+        if isinstance(part, FileRange):
+            break
+        buffers.append(part)
+    return buffers
+
+
 def _os_error(error: OSError, sock: trio.socket.SocketType) -> Exception:
     """trio's exception for a failed system call on ``sock``."""
     if sock.fileno() == -1:
@@ -425,6 +436,8 @@ class FrameWriter:
         self._lock = trio.Lock()
         self._queue: list[OutgoingPayload] = []
         self._queued_bytes = 0
+        self._queued_files = 0
+        """FileRange payloads in the queue: only then must a write look for them."""
         self._queue_written = trio.Event()
         self._work = trio.Event()
         self._flusher_running = False
@@ -441,6 +454,7 @@ class FrameWriter:
         self._queued_bytes += len(prefix) + payload_length
         if payload is not None and payload_length:
             self._queue.append(payload)
+            self._queued_files += isinstance(payload, FileRange)
         written = self._queue_written
         if self._flusher_running:
             self._work.set()
@@ -515,15 +529,16 @@ class FrameWriter:
     async def _write_queue(self) -> None:
         pending, self._queue = self._queue, []
         self._queued_bytes = 0
+        with_files, self._queued_files = self._queued_files > 0, 0
         written, self._queue_written = self._queue_written, trio.Event()
         try:
             if self._socket is not None:
                 # Usually the kernel takes everything at once: no cancel scopes needed.
-                pending = self._write_now(self._socket, pending)
+                pending = self._write_now(self._socket, pending, with_files)
             if pending:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(self._send_timeout_s) as timeout:
-                        await self._send_parts(pending)
+                        await self._send_parts(pending, with_files)
                     if timeout.cancelled_caught:
                         raise trio.BrokenResourceError(
                             f"peer did not read for {self._send_timeout_s} s"
@@ -537,14 +552,14 @@ class FrameWriter:
 
     @staticmethod
     def _write_now(
-        sock: trio.socket.SocketType, parts: list[OutgoingPayload]
+        sock: trio.socket.SocketType, parts: list[OutgoingPayload], with_files: bool = False
     ) -> list[OutgoingPayload]:
         """Write what the socket takes without waiting (``writev``, or ``sendfile`` for
-        a :class:`FileRange`); what is left."""
+        a :class:`FileRange`, which only a list ``with_files`` holds); what is left."""
         fd = sock.fileno()
         while parts:
             first = parts[0]
-            if isinstance(first, FileRange):
+            if with_files and isinstance(first, FileRange):
                 try:
                     sent = os.sendfile(fd, first.fd, first.offset, first.remaining)
                 except BlockingIOError:
@@ -559,11 +574,7 @@ class FrameWriter:
                     first.close()
                     parts = parts[1:]
                 continue
-            buffers: list[Payload] = []
-            for part in parts[:IOV_MAX]:
-                if isinstance(part, FileRange):
-                    break
-                buffers.append(part)
+            buffers = _buffers_before_file(parts) if with_files else parts[:IOV_MAX]
             try:
                 sent = os.writev(fd, buffers)
             except BlockingIOError:
@@ -579,14 +590,14 @@ class FrameWriter:
                 parts[0] = memoryview(buffers[index])[sent:]
         return parts
 
-    async def _send_parts(self, parts: list[OutgoingPayload]) -> None:
+    async def _send_parts(self, parts: list[OutgoingPayload], with_files: bool) -> None:
         sock = self._socket
         if sock is not None:
             # The descriptor directly, as in _write_now: trio's send_all pays its per-call
             # overhead again for every socket buffer's worth of a multi-MiB payload.
             while parts:
                 await trio.lowlevel.wait_writable(sock)
-                parts = self._write_now(sock, parts)
+                parts = self._write_now(sock, parts, with_files)
             return
         small: list[Payload] = []
         for part in parts:
