@@ -10,7 +10,8 @@ MOUNT_DIR := ./mnt
 SEEDS     ?= 200
 START     ?= 0
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv
+# gcc and python3-dev build pyfuse3, which PyPI ships only as source.
+DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc
 
 .PHONY: help install system-packages run stop status test sim bench lint format
 
