@@ -4,7 +4,8 @@ Run ``python -m benchmarks.bench_wire``.  The server runs in a separate
 process (as it would in a cluster), the client here; both on 127.0.0.1.
 Prints the p50 latency of one small call at a time, small calls/s with 64
 concurrent calls on one connection (with the CPU time each side spends per
-call: what bounds a busy server), one-way messages/s, and MiB/s of 4 MiB
+call: what bounds a busy server) for both kinds of handler (a task per call,
+and an immediate handler, which the metaserver's namespace calls use), one-way messages/s, and MiB/s of 4 MiB
 payloads sent to the server (upload) and fetched from it (download), beside a
 baseline: raw ``send_all``/``receive_some`` of the same bytes over a plain trio
 TCP stream, measured in the same run.
@@ -23,7 +24,7 @@ import trio
 
 from wire import schema
 from wire.address import Address
-from wire.rpc import CallContext, Handlers, WithPayload
+from wire.rpc import CallContext, Handlers, RpcConnection, WithPayload
 from wire.transport import bound_port, open_connection, serve
 
 KEY = b"benchmark-cluster-key-0123456789"
@@ -37,6 +38,7 @@ class Ping:
 
 
 PING = schema.Method("bench.ping", Ping, Ping)
+PING_IMMEDIATE = schema.Method("bench.ping_immediate", Ping, Ping)
 NOTE = schema.Method("bench.note", Ping, type(None), one_way=True)
 UPLOAD = schema.Method("bench.upload", Ping, Ping, carries_payload=True)
 DOWNLOAD = schema.Method("bench.download", Ping, Ping, returns_payload=True)
@@ -45,6 +47,10 @@ _blob = bytes(PAYLOAD_BYTES)
 
 
 async def _ping(request: Ping, _context: CallContext) -> Ping:
+    return Ping(request.value + 1)
+
+
+def _ping_immediately(request: Ping, _context: CallContext) -> Ping:
     return Ping(request.value + 1)
 
 
@@ -68,6 +74,7 @@ async def _raw_sink(stream: trio.SocketStream) -> None:
 async def run_server(port_file: str) -> None:
     handlers = Handlers()
     handlers.register(PING, _ping)
+    handlers.register_immediate(PING_IMMEDIATE, _ping_immediately)
     handlers.register(NOTE, _note)
     handlers.register(UPLOAD, _upload)
     handlers.register(DOWNLOAD, _download)
@@ -99,27 +106,15 @@ async def run_client(port: int, raw_port: int, seconds: float, server_pid: int) 
         p50_us = latencies[len(latencies) // 2] * 1e6
         print(f"one call at a time:                  p50 {p50_us:8,.0f} us")
 
-        calls = 0
-        deadline = time.perf_counter() + seconds
-
-        async def caller() -> None:
-            nonlocal calls
-            while time.perf_counter() < deadline:
-                await connection.call(PING, Ping(calls), timeout_s=10.0)
-                calls += 1
-
-        started = time.perf_counter()
-        client_cpu, server_cpu = time.process_time(), cpu_seconds(server_pid)
-        async with trio.open_nursery() as nursery:
-            for _ in range(64):
-                nursery.start_soon(caller)
-        rate = calls / (time.perf_counter() - started)
-        client_us = (time.process_time() - client_cpu) * 1e6 / calls
-        server_us = (cpu_seconds(server_pid) - server_cpu) * 1e6 / calls
-        print(
-            f"small calls, 64 concurrent, one connection: {rate:10,.0f} calls/s"
-            f"  (CPU us/call: client {client_us:.0f}, server {server_us:.0f})"
-        )
+        for method, label in ((PING, "task per call"), (PING_IMMEDIATE, "immediate handler")):
+            rate, client_us, server_us = await _concurrent_calls(
+                connection, method, seconds, server_pid
+            )
+            print(
+                f"small calls, 64 concurrent, one connection, {label + ':':19}"
+                f" {rate:8,.0f} calls/s  (CPU us/call: client {client_us:.0f},"
+                f" server {server_us:.0f})"
+            )
 
         notes = 0
         started = time.perf_counter()
@@ -143,6 +138,30 @@ async def run_client(port: int, raw_port: int, seconds: float, server_pid: int) 
     for label, mib_s in (("upload", upload_mib_s), ("download", download_mib_s)):
         print(f"4 MiB payload {label:9} {mib_s:8,.0f} MiB/s  ({mib_s / raw_mib_s:.2f} x raw)")
     print(f"raw TCP send_all:       {raw_mib_s:8,.0f} MiB/s  (baseline)")
+
+
+async def _concurrent_calls(
+    connection: RpcConnection, method: schema.Method[Ping, Ping], seconds: float, server_pid: int
+) -> tuple[float, float, float]:
+    """Calls/s of 64 callers on one connection, and the CPU us per call on each side."""
+    calls = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal calls
+        while time.perf_counter() < deadline:
+            await connection.call(method, Ping(calls), timeout_s=10.0)
+            calls += 1
+
+    started = time.perf_counter()
+    client_cpu, server_cpu = time.process_time(), cpu_seconds(server_pid)
+    async with trio.open_nursery() as nursery:
+        for _ in range(64):
+            nursery.start_soon(caller)
+    rate = calls / (time.perf_counter() - started)
+    client_us = (time.process_time() - client_cpu) * 1e6 / calls
+    server_us = (cpu_seconds(server_pid) - server_cpu) * 1e6 / calls
+    return rate, client_us, server_us
 
 
 async def _measure(seconds: float, operation) -> float:  # type: ignore[no-untyped-def]
