@@ -69,6 +69,9 @@ REQUIRED_COVERAGE = (
     "read_index_reads",
 )
 """Events that some seed of every batch must reach, or the batch fails."""
+COVERAGE_SEEDS_MIN = 50
+"""Coverage is judged only on a batch of at least this many seeds: a few seeds (the
+replay of one failure, a quick ``make sim SEEDS=5``) cannot be expected to reach all."""
 
 
 class SimFailure(AssertionError):

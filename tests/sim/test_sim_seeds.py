@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from tests.sim.cluster import REQUIRED_COVERAGE, run_seed
+from tests.sim.cluster import COVERAGE_SEEDS_MIN, REQUIRED_COVERAGE, run_seed
 
 if os.environ.get("PAXFS_SEED"):
     SEEDS = [int(os.environ["PAXFS_SEED"])]
@@ -32,8 +32,8 @@ def test_seed_is_safe_linearizable_and_live(seed: int) -> None:
 
 
 def test_the_seeds_reach_every_required_event() -> None:
-    if len(SEEDS) < 50:
-        pytest.skip("coverage is judged on a batch of at least 50 seeds")
+    if len(SEEDS) < COVERAGE_SEEDS_MIN:
+        pytest.skip(f"coverage is judged on a batch of at least {COVERAGE_SEEDS_MIN} seeds")
     totals: dict[str, int] = {}
     for seed in SEEDS:
         counters = _counters.get(seed)
