@@ -16,12 +16,32 @@ class RpcError(Exception):
 
     def __init__(self, code: int, message: str = "") -> None:
         self.code = code
-        self.message = message or os.strerror(code)
+        self.message = message or describe(code)
         super().__init__(code, self.message)
 
     def __str__(self) -> str:
         name = _NAMES.get(self.code) or errno.errorcode.get(self.code, str(self.code))
         return f"[{name}] {self.message}"
+
+
+ERROR_CODE_MIN = -(2**31)
+ERROR_CODE_MAX = 2**31 - 1
+"""The codes an ERROR envelope may carry: a C ``int``, what errno and ``strerror`` take.
+A peer that sends another code breaks the protocol (see :mod:`wire.rpc`)."""
+
+
+def describe(code: int) -> str:
+    """``os.strerror(code)`` for a code it can take, else a plain fallback.
+
+    ``strerror`` raises OverflowError for an int beyond a C int, and a code may come
+    from a peer: an RpcError must be constructible from any int without raising.
+    """
+    if type(code) is int and ERROR_CODE_MIN <= code <= ERROR_CODE_MAX:
+        try:
+            return os.strerror(code)
+        except (ValueError, OverflowError):
+            pass
+    return f"error code {code}"
 
 
 # Codes above the errno range, for conditions POSIX has no name for.

@@ -19,7 +19,8 @@ sender down through TCP instead of piling up tasks).
 
 Failure rules:
 
-* a malformed frame, an envelope of the wrong shape, or more than
+* a malformed frame, an envelope of the wrong shape (an ERROR's code must
+  be a C int: ``ERROR_CODE_MIN`` to ``ERROR_CODE_MAX``), or more than
   ``calls_in_flight_max`` requests from the peer at once close the connection
   with a logged reason;
 * an unknown method (ENOSYS), a body that does not match its schema (EPROTO)
@@ -46,7 +47,13 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from wire import schema
-from wire.errors import ConnectionLost, ProtocolError, RpcError
+from wire.errors import (
+    ERROR_CODE_MAX,
+    ERROR_CODE_MIN,
+    ConnectionLost,
+    ProtocolError,
+    RpcError,
+)
 from wire.framing import FrameReader, FrameWriter, OutgoingPayload, Payload
 from wire.invariant import invariant
 
@@ -156,8 +163,15 @@ class Deferred:
 
 
 def _error_envelope(error: RpcError) -> list[Any]:
-    """The ERROR envelope (without its call id) that answers a call with ``error``."""
-    return [ERROR, error.code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
+    """The ERROR envelope (without its call id) that answers a call with ``error``.
+
+    A code the peer would refuse (not a C int) is a bug here: logged, and sent as EIO.
+    """
+    code = error.code
+    if type(code) is not int or not ERROR_CODE_MIN <= code <= ERROR_CODE_MAX:
+        log.error("an RpcError with code %r cannot be sent; answering EIO", code)
+        return [ERROR, errno.EIO, f"error code {code!r}: {error.message}"[:ERROR_MESSAGE_CHARS_MAX]]
+    return [ERROR, code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
 
 
 async def _park(waiting: Deferred | _PendingCall) -> None:
@@ -504,6 +518,8 @@ class RpcConnection:
         elif kind == ERROR:
             if len(header) != 4 or type(header[2]) is not int or type(header[3]) is not str:
                 raise ProtocolError("error envelope of the wrong shape")
+            if not ERROR_CODE_MIN <= header[2] <= ERROR_CODE_MAX:
+                raise ProtocolError(f"error code {header[2]} is not a C int")
             self._complete(call_id, RpcError(header[2], header[3][:ERROR_MESSAGE_CHARS_MAX]), None)
         elif kind == CANCEL:
             serving = self._incoming.get(call_id)

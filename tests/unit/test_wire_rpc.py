@@ -372,3 +372,36 @@ async def test_a_short_deadline_behind_a_long_one_ends_on_time() -> None:
         assert caught.value.code == errno.ETIMEDOUT
         assert 0.1 <= elapsed < 0.1 + DEADLINE_GRANULARITY_S + 0.2
         assert await conn.call(ECHO, Value(1), timeout_s=0.5) == Value(2)
+
+
+@pytest.mark.parametrize("code", [2**40, 2**31, -(2**31) - 1, 2**64 - 1, -(2**63)])
+async def test_an_error_envelope_with_a_code_beyond_a_c_int_closes_only_that_connection(
+    code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such a code once reached os.strerror (for the empty message) and its
+    OverflowError killed the server."""
+    from wire.rpc import ERROR
+
+    async with running_server() as address:
+        raw = await _authenticated_raw_socket(address)
+        async with open_connection(address, KEY, name="bystander") as bystander:
+            await raw.send_all(_raw_frame([ERROR, 1, code, ""]))
+            await _wait_for_eof(raw)
+            assert await bystander.call(ECHO, Value(7)) == Value(8)
+        async with open_connection(address, KEY, name="after") as after:
+            assert await after.call(ECHO, Value(1)) == Value(2)
+    closings = [r for r in caplog.records if "closing connection" in r.getMessage()]
+    assert len(closings) == 1
+    assert "error code" in closings[0].getMessage()
+
+
+async def test_a_handler_error_code_beyond_a_c_int_is_sent_as_eio(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(FAIL, Value(2**40, "huge"))
+        assert caught.value.code == errno.EIO
+        assert str(2**40) in caught.value.message
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+    assert "cannot be sent" in caplog.text

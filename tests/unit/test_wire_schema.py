@@ -123,3 +123,12 @@ def test_plain_dataclasses_nest_positionally_also_when_optional() -> None:
 
 def test_float_fields_accept_integers_from_other_languages() -> None:
     assert math.isclose(schema.decode(Sample, [1, b"", 2, [], None]).size, 2.0)
+
+
+@pytest.mark.parametrize("code", [2**40, 2**31, -(2**31) - 1, 2**64 - 1, -(2**63)])
+def test_an_rpc_error_with_a_code_beyond_a_c_int_still_has_a_message(code: int) -> None:
+    from wire.errors import RpcError
+
+    error = RpcError(code)
+    assert error.message == f"error code {code}"
+    assert str(code) in str(error)
