@@ -34,6 +34,7 @@ from metaserver.paxos.messages import (
     Accept,
     Accepted,
     Commit,
+    Heartbeat,
     Nack,
     Prepare,
     ProbeReply,
@@ -358,6 +359,89 @@ def test_a_follower_that_hears_its_leader_refuses_to_support_an_election() -> No
     follower.step(ProbeRequest(N2, 1, Slot(0)), env.now_ms)
     (outbound,) = follower.ready().messages
     assert isinstance(outbound.message, ProbeReply) and not outbound.message.granted
+
+
+class _EdgeRandom:
+    """A random source that always answers the lowest (or highest) value allowed."""
+
+    def __init__(self, highest: bool) -> None:
+        self.highest = highest
+
+    def randrange(self, start: int, stop: int) -> int:
+        return stop - 1 if self.highest else start
+
+
+def _timing_node(rng: object) -> PaxosNode:
+    return PaxosNode(
+        node_id=N1,
+        options=PaxosOptions(heartbeat_interval_ms=10, election_timeout_ms=100, lease_ms=50),
+        rng=rng,  # type: ignore[arg-type]
+        now_ms=0,
+        snapshot=initial_snapshot_meta((N1, N2, N3)),
+    )
+
+
+def _ms_until_probe(node: PaxosNode, now_ms: int) -> int:
+    """Tick a follower every millisecond until it probes for an election."""
+    assert node.role == Role.FOLLOWER
+    for elapsed in range(1, 10_000):
+        node.tick(now_ms + elapsed)
+        if node.role == Role.PROBING:
+            return elapsed
+    raise AssertionError("the follower never probed")
+
+
+def test_election_timeouts_are_drawn_from_the_injected_randomness() -> None:
+    """In [T, 2T): replicas that lose their leader together do not all probe at once."""
+    assert _ms_until_probe(_timing_node(_EdgeRandom(highest=False)), 0) == 100
+    assert _ms_until_probe(_timing_node(_EdgeRandom(highest=True)), 0) == 199
+    seeded = [_ms_until_probe(_timing_node(random.Random(seed)), 0) for seed in range(8)]
+    assert all(100 <= ms < 200 for ms in seeded)
+    assert len(set(seeded)) > 1, f"different seeds, one timeout: {seeded}"
+    again = [_ms_until_probe(_timing_node(random.Random(seed)), 0) for seed in range(8)]
+    assert again == seeded, "the same seed must give the same timeouts"
+
+
+def _preempt(node: PaxosNode, now_ms: int) -> None:
+    """Campaign, then hear a NACK naming a higher ballot."""
+    assert node.campaign(now_ms)
+    ballot = node.promised
+    node.step(Nack(N2, ballot, Ballot(ballot.round + 1, N2)), now_ms)
+    assert node.role == Role.FOLLOWER
+
+
+def test_the_election_deadline_backs_off_after_each_preemption_and_resets_on_a_leader() -> None:
+    """After k preemptions in a row the extra wait is drawn from [0, T * (2**k - 1)]
+    (k at most ``backoff_level_max``); hearing a live leader forgets the back-off."""
+    node = _timing_node(_EdgeRandom(highest=True))  # every draw at its maximum
+    now, delays = 0, []
+    for _ in range(5):
+        _preempt(node, now)
+        delay = _ms_until_probe(node, now)
+        delays.append(delay)
+        now += delay
+    # 2T - 1 for the timeout itself, plus T, 3T, 7T, then capped at level 3.
+    assert delays == [299, 499, 899, 899, 899]
+
+    leader_ballot = Ballot(node.promised.round + 1, N2)
+    node.step(Heartbeat(N2, leader_ballot, 1, Slot(0), Slot(1)), now)
+    assert node.leader_id == N2
+    assert _ms_until_probe(node, now) == 199, "a leader heard: the plain timeout again"
+    now += 199
+    _preempt(node, now)
+    assert _ms_until_probe(node, now) == 299, "the back-off starts again from level 1"
+
+
+def test_the_back_off_is_randomised_too() -> None:
+    """Two candidates preempted together do not retry in lockstep."""
+    delays = set()
+    for seed in range(8):
+        node = _timing_node(random.Random(seed))
+        _preempt(node, 0)
+        _preempt(node, 0)  # level 2: extra wait in [0, 3T]
+        delays.add(_ms_until_probe(node, 0))
+    assert all(100 <= ms < 200 + 300 for ms in delays)
+    assert len(delays) > 1
 
 
 def test_a_leader_that_loses_its_quorum_steps_down_within_an_election_timeout() -> None:
