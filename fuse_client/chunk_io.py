@@ -57,6 +57,7 @@ from wire.dataserver_ops import (
     pipeline_timeout_s,
 )
 from wire.errors import TOKEN_REFUSED, RpcError
+from wire.framing import Payload
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import invariant
 from wire.tokens import ChunkToken
@@ -92,7 +93,6 @@ invariant(READ_PIECE_BYTES <= READ_BYTES_MAX, "read piece above the wire limit")
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
-Payload = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -554,18 +554,20 @@ class ChunkReader:
         self._preferred: str | None = None
         self.bytes_from: dict[str, int] = {}
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> Payload:
         """Up to ``length`` bytes at ``offset``: fewer at the replica's end, none past it.
 
-        Raises :class:`ReplicasUnavailable` when no replica can serve a piece."""
+        A read inside one received piece is a read-only view of it, not a copy (the
+        piece's buffer is not reused while the view lives); one that spans pieces is
+        joined into bytes.  Raises :class:`ReplicasUnavailable` when no replica can
+        serve a piece."""
         if offset < 0 or length < 0:
             raise ValueError(f"read of {length} bytes at {offset}")
         sequential = offset == self._next_offset
         if not sequential:
             self._ahead.clear()
         parts = await self._read_cached(offset, length)
-        # The one copy of the client's read path: received buffers into the result.
-        data = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        data = parts[0].toreadonly() if len(parts) == 1 else b"".join(parts)
         self._next_offset = offset + len(data)
         if sequential and len(data) == length:
             self._extend_readahead(self._next_offset + self._readahead_bytes)
@@ -865,20 +867,21 @@ class PlacedFile:
             self._readers[index] = reader
         return reader
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Bytes at ``offset``: holes read as zeros, nothing past ``length_bytes``.
+    async def read(self, offset: int, length: int) -> Payload:
+        """Bytes at ``offset`` (a view, as :meth:`ChunkReader.read` gives): holes read as
+        zeros, nothing past ``length_bytes``.
 
         A sequential reader's read-ahead window runs on into the next chunk, so the next
         chunk's replicas are already sending when the reader gets there."""
         end = min(offset + length, self.length_bytes)
         sequential = offset == self._next_read_offset
-        parts: list[bytes] = []
+        parts: list[Payload] = []
         position = offset
         while position < end:
             index = position // self.chunk_size_bytes
             chunk_offset = position - index * self.chunk_size_bytes
             size = min(end - position, self.chunk_size_bytes - chunk_offset)
-            data = b""
+            data: Payload = b""
             if index in self.placements:
                 data = await self._reader(index).read(chunk_offset, size)
             parts.append(data)

@@ -70,6 +70,7 @@ from wire.data_ops import (
     WritableChunk,
 )
 from wire.errors import STALE_VERSION, TOKEN_REFUSED, RpcError
+from wire.framing import Payload
 from wire.ids import ChunkId, ChunkVersion, InodeId
 from wire.invariant import invariant
 from wire.namespace_ops import (
@@ -730,7 +731,7 @@ class FileClient:
 
     # ------------------------------------------------------------ reading
 
-    async def _read(self, handle: OpenFile, offset: int, length: int) -> bytes:
+    async def _read(self, handle: OpenFile, offset: int, length: int) -> Payload:
         state = handle.state
         async with state.lock:
             end = min(offset + length, state.size)
@@ -746,15 +747,16 @@ class FileClient:
             state.next_read_offset = end
             return result
 
-    async def _read_clean(self, handle: OpenFile, index: int, offset: int, end: int) -> bytes:
+    async def _read_clean(self, handle: OpenFile, index: int, offset: int, end: int) -> Payload:
         """``[offset, end)`` inside chunk ``index``, which holds no write of this client: the
-        reader's bytes as they are (its one copy), zero-filled where the data ends early.
-        Most reads (a FUSE read is at most 1 MiB) take this path."""
+        reader's bytes as they are (a view of the received piece, no copy), zero-filled
+        where the data ends early.  Most reads (a FUSE read is at most 1 MiB) take this
+        path."""
         state = handle.state
         within = offset - index * state.chunk_size
         data = await self._read_chunk(state, handle.credentials, index, within, end - offset)
         if len(data) < end - offset:
-            return data + bytes(end - offset - len(data))
+            return b"".join((data, bytes(end - offset - len(data))))
         return data
 
     async def _read_merged(self, handle: OpenFile, offset: int, end: int) -> bytes:
@@ -793,7 +795,7 @@ class FileClient:
 
     async def _read_chunk(
         self, state: _FileState, credentials: Credentials, index: int, within: int, size: int
-    ) -> bytes:
+    ) -> Payload:
         """Bytes ``[within, within + size)`` of chunk ``index`` as the replicas hold them
         (short where the chunk's data ends; the caller zero-fills)."""
         active = state.active.get(index)
@@ -945,8 +947,10 @@ class OpenFile:
     def size(self) -> int:
         return self.state.size
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes at ``offset``; fewer only at the end of the file."""
+    async def read(self, offset: int, length: int) -> Payload:
+        """Up to ``length`` bytes at ``offset``; fewer only at the end of the file.  A
+        read-only view where the bytes came in one piece: do not hold on to it longer
+        than needed (its receive buffer is not reused meanwhile)."""
         self._check_open()
         if offset < 0 or length < 0:
             raise FileIoError(errno.EINVAL, f"read of {length} bytes at {offset}")

@@ -43,6 +43,7 @@ from fuse_client.file_client import FileClient, FileIoError, OpenFile, errno_of
 from wire.config import MountSettings
 from wire.data_ops import Space
 from wire.errors import RpcError
+from wire.framing import Payload
 from wire.ids import InodeId
 from wire.invariant import InvariantViolation, invariant
 from wire.namespace_ops import (
@@ -647,7 +648,9 @@ class PaxfsOperations(pyfuse3.Operations):
         return self._file_info(fh, attr), entry
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Payload:  # type: ignore[override]
+        """The bytes, as the file client hands them (often a view: pyfuse3 takes any
+        buffer and copies it into the reply)."""
         return await self._file(fh).read(off, size)
 
     @_handler

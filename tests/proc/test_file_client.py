@@ -216,7 +216,7 @@ async def test_append_writes_at_the_end(tmp_path: Path) -> None:
         for handle in (first, second, third):
             await handle.release()
         again = await client.open(inode, ROOT)
-        lines = (await again.read(0, 10_000)).decode().splitlines()
+        lines = bytes(await again.read(0, 10_000)).decode().splitlines()
         assert lines == [f"line {n}" for n in range(20)]
         await again.release()
 
