@@ -41,6 +41,38 @@ LATER = schema.Method("test.later", Value, Value)
 """Immediate: the reply comes when the test settles ``service.later[number]``."""
 
 
+class PickyRefusal(AssertionError):
+    """What a message's own check raises on bad values (as PaxosInvariantError does):
+    neither ValueError nor TypeError."""
+
+
+@dataclass(frozen=True, slots=True)
+class Voters:
+    """A plain nested dataclass whose ``__post_init__`` refuses values the schema allows
+    (like the Paxos Membership without voters)."""
+
+    voters: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.voters:
+            raise PickyRefusal("a membership needs at least one voter")
+
+
+@schema.message("test.ballot")
+@dataclass(frozen=True)
+class Ballot:
+    """A message holding a :class:`Voters` (like PaxosBatch holds a Membership)."""
+
+    sender: int
+    members: Voters
+
+
+ELECT = schema.Method("test.elect", Ballot, Value)
+"""Replies with the number of voters."""
+ELECT_NOTE = schema.Method("test.elect_note", Ballot, type(None), one_way=True)
+"""One-way: the service records each ballot."""
+
+
 class EchoService:
     """Handlers that echo, fail on request, crash, sleep, and return payloads."""
 
@@ -49,6 +81,7 @@ class EchoService:
         self.sleeping = 0
         self.notes: list[int] = []
         self.later: dict[int, Deferred] = {}
+        self.ballots: list[Ballot] = []
 
     async def echo(self, request: Value, _context: CallContext) -> Value:
         return Value(request.number + 1, request.text)
@@ -96,6 +129,12 @@ class EchoService:
         self.later[request.number] = deferred
         return deferred
 
+    async def elect(self, request: Ballot, _context: CallContext) -> Value:
+        return Value(len(request.members.voters))
+
+    async def elect_note(self, request: Ballot, _context: CallContext) -> None:
+        self.ballots.append(request)
+
     def handlers(self) -> Handlers:
         handlers = Handlers()
         handlers.register(ECHO, self.echo)
@@ -106,6 +145,8 @@ class EchoService:
         handlers.register(NOTE, self.note)
         handlers.register_immediate(QUICK, self.quick)
         handlers.register_immediate(LATER, self.later_reply)
+        handlers.register(ELECT, self.elect)
+        handlers.register(ELECT_NOTE, self.elect_note)
         return handlers
 
 

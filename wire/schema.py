@@ -6,7 +6,9 @@ that msgpack can pack (a dataclass becomes a list of its field values in
 declaration order) and, on receipt, validates raw values against the
 annotations before building the object.  Nothing is pickled; a value of the
 wrong type, a missing or extra field, or an unknown message name raises
-:class:`SchemaError` with a message naming the offending field.
+:class:`SchemaError` with a message naming the offending field; so does any
+exception a message's own checks (``__post_init__``) raise while it is built
+from received values: :func:`decode` raises nothing else.
 
 Supported annotations: ``int``, ``bool``, ``float``, ``str``, ``bytes``,
 ``None``, ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``,
@@ -108,6 +110,10 @@ def decode(annotation: Any, raw: Any, where: str = "message") -> Any:
         return decoder(raw)
     except SchemaError as error:
         raise _final(error, where) from None
+    except Exception as error:
+        # Raw input is a peer's: nothing it holds may raise anything but SchemaError
+        # (an unhashable map key, say, fails in the dict being built).
+        raise SchemaError(f"{where}: {type(error).__name__}: {error}") from None
 
 
 def decode_tagged(raw: Any, allowed: tuple[type, ...] | None = None) -> Any:
@@ -124,6 +130,8 @@ def decode_tagged(raw: Any, allowed: tuple[type, ...] | None = None) -> Any:
         return _dataclass_decoder_cached(cls)(raw[1])
     except SchemaError as error:
         raise _final(error, raw[0]) from None
+    except Exception as error:  # as in decode()
+        raise SchemaError(f"{raw[0]}: {type(error).__name__}: {error}") from None
 
 
 def _final(error: SchemaError, where: str) -> SchemaError:
@@ -372,6 +380,11 @@ def _dataclass_decoder(cls: type) -> Decoder:
             return cls(*values)
         except (ValueError, TypeError) as error:
             raise SchemaError(str(error)) from None
+        except Exception as error:
+            # The class's own checks (``__post_init__``) refused values the schema
+            # allows; whatever they raise (PaxosInvariantError is an AssertionError),
+            # the values came from a peer: a schema error, never a crash.
+            raise SchemaError(f"{type(error).__name__}: {error}") from None
 
     def decode_dataclass(raw: Any) -> Any:
         if not compiled:
@@ -419,7 +432,7 @@ def _compile_dataclass_decoder(
     else:
         build = (
             f"try:\n        return _cls({', '.join(arguments)})\n"
-            "    except (ValueError, TypeError):\n        return _precisely(_raw)"
+            "    except Exception:\n        return _precisely(_raw)"
         )
     unpack = f"{', '.join(arguments)}, = _raw" if arguments else "pass"
     body = "\n        ".join(checks) if checks else "pass"

@@ -30,6 +30,8 @@ METHODS = st.sampled_from(
         "test.note",
         "test.quick",
         "test.later",
+        "test.elect",
+        "test.elect_note",
         "nope",
         "",
     ]
@@ -45,6 +47,8 @@ ERROR_CODES = st.one_of(
 BODIES = st.recursive(
     SCALARS | st.binary(max_size=20), lambda c: st.lists(c, max_size=4), max_leaves=12
 )
+BALLOT_METHODS = st.sampled_from(["test.elect", "test.elect_note", "test.echo"])
+BALLOTS = st.tuples(st.integers(0, 3), st.tuples(st.lists(st.integers(0, 3), max_size=2)))
 ENVELOPES = st.one_of(
     st.tuples(
         st.just(REQUEST), st.integers(-5, 50), METHODS, BODIES, st.none() | st.integers(-5, 5)
@@ -58,6 +62,9 @@ ENVELOPES = st.one_of(
     st.tuples(st.sampled_from([REPLY, ERROR, CANCEL, 9]), st.integers(-5, 50), BODIES),
     st.tuples(st.just(ERROR), st.integers(0, 50), ERROR_CODES, st.just("") | st.text(max_size=10)),
     st.tuples(st.just(NOTIFY), METHODS, BODIES),
+    # Shaped like a Ballot, whose Voters' __post_init__ refuses an empty tuple.
+    st.tuples(st.just(REQUEST), st.integers(0, 50), BALLOT_METHODS, BALLOTS, st.none()),
+    st.tuples(st.just(NOTIFY), BALLOT_METHODS, BALLOTS),
     st.tuples(st.just(NOTIFY), METHODS, st.tuples(st.integers(-3, 3), st.text(max_size=5))),
     BODIES,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import dataclass
 
 import msgpack
 import pytest
@@ -13,6 +14,8 @@ from tests.wire_fixtures import (
     BULK,
     CRASH,
     ECHO,
+    ELECT,
+    ELECT_NOTE,
     FAIL,
     KEY,
     LATER,
@@ -21,7 +24,9 @@ from tests.wire_fixtures import (
     SLEEP,
     UNSERVED,
     UNSERVED_NOTE,
+    Ballot,
     EchoService,
+    PickyRefusal,
     Value,
     running_server,
 )
@@ -405,3 +410,65 @@ async def test_a_handler_error_code_beyond_a_c_int_is_sent_as_eio(
         assert str(2**40) in caught.value.message
         assert await conn.call(ECHO, Value(1)) == Value(2)
     assert "cannot be sent" in caplog.text
+
+
+async def test_a_request_that_fails_its_messages_own_check_is_eproto() -> None:
+    """A body the schema accepts but the message's __post_init__ refuses (a Paxos batch
+    whose membership has no voters) once escaped the decoder and killed the server."""
+    bad = schema.Method("test.elect", _RawBody, Value)
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(bad, _RawBody([1, [[]]]))
+        assert caught.value.code == errno.EPROTO
+        assert "at least one voter" in caught.value.message
+        assert await conn.call(ELECT, _ballot(2)) == Value(2)
+
+
+def _ballot(voters: int) -> Ballot:
+    from tests.wire_fixtures import Voters
+
+    return Ballot(7, Voters(tuple(range(voters))))
+
+
+async def test_a_one_way_message_that_fails_its_own_check_closes_only_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from wire.rpc import NOTIFY
+
+    service = EchoService()
+    async with running_server(service) as address:
+        raw = await _authenticated_raw_socket(address)
+        async with open_connection(address, KEY, name="bystander") as bystander:
+            await raw.send_all(_raw_frame([NOTIFY, "test.elect_note", [1, [[]]]]))
+            await _wait_for_eof(raw)
+            assert await bystander.call(ECHO, Value(7)) == Value(8)
+            await bystander.notify(ELECT_NOTE, _ballot(1))
+            assert await bystander.call(ECHO, Value(1)) == Value(2)
+        async with open_connection(address, KEY, name="after") as after:
+            assert await after.call(ELECT, _ballot(3)) == Value(3)
+    assert service.ballots == [_ballot(1)]
+    closings = [r for r in caplog.records if "closing connection" in r.getMessage()]
+    assert len(closings) == 1 and "at least one voter" in closings[0].getMessage()
+
+
+@dataclass(frozen=True)
+class _EvenOnly:
+    """Read in place of the echo's Value: a reply whose own check refuses odd numbers."""
+
+    number: int
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.number % 2:
+            raise PickyRefusal(f"{self.number} is odd")
+
+
+async def test_a_reply_that_fails_its_own_check_is_eproto_for_the_caller() -> None:
+    refusing = schema.Method("test.echo", Value, _EvenOnly)
+    async with running_server() as address, open_connection(address, KEY, name="t") as conn:
+        assert await conn.call(refusing, Value(1)) == _EvenOnly(2, "")
+        with pytest.raises(RpcError) as caught:
+            await conn.call(refusing, Value(2))
+        assert caught.value.code == errno.EPROTO
+        assert "3 is odd" in caught.value.message
+        assert await conn.call(ECHO, Value(1)) == Value(2)

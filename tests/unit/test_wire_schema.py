@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wire
+from tests.wire_fixtures import Ballot, Voters
 from wire import schema
 from wire.ids import InodeId
 
@@ -132,3 +133,39 @@ def test_an_rpc_error_with_a_code_beyond_a_c_int_still_has_a_message(code: int) 
     error = RpcError(code)
     assert error.message == f"error code {code}"
     assert str(code) in str(error)
+
+
+def test_a_message_whose_own_check_refuses_the_values_is_a_schema_error() -> None:
+    raw = [1, [[]]]  # the nested Voters' __post_init__ refuses an empty tuple
+    with pytest.raises(schema.SchemaError, match=r"members: .*at least one voter"):
+        schema.decode(Ballot, raw)
+    with pytest.raises(schema.SchemaError):
+        schema.decode_tagged(["test.ballot", raw])
+    with pytest.raises(schema.SchemaError, match=r"\[1\]"):
+        schema.decode(
+            tuple[Ballot, ...],
+            [schema.encode_tagged(Ballot(1, Voters((1,)))), ["test.ballot", raw]],
+        )
+
+
+def test_the_refusal_of_a_messages_own_check_is_named_in_the_schema_error() -> None:
+    with pytest.raises(schema.SchemaError, match="PickyRefusal: a membership needs"):
+        schema.decode(Ballot, [1, [[]]])
+    assert schema.decode(Ballot, [1, [[3]]]) == Ballot(1, Voters((3,)))
+
+
+def test_any_exception_while_building_a_message_is_a_schema_error() -> None:
+    @dataclass(frozen=True)
+    class Fussy:
+        value: int
+
+        def __post_init__(self) -> None:
+            raise RuntimeError(f"never {self.value}")
+
+    with pytest.raises(schema.SchemaError, match="RuntimeError: never 1"):
+        schema.decode(Fussy, [1])
+    with pytest.raises(schema.SchemaError, match="RuntimeError"):
+        schema.decode(tuple[Fussy, ...], [[1]])
+    with pytest.raises(schema.SchemaError, match="unhashable"):
+        # A key that decodes to a list cannot go into the dict being built.
+        schema.decode(dict[list[int], int], {(1, 2): 1})
