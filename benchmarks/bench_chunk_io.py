@@ -30,7 +30,7 @@ from pathlib import Path
 import crc32c
 import trio
 
-from fuse_client.chunk_io import ChunkPlacement, PlacedFile
+from fuse_client.chunk_io import READ_PIECE_BYTES, ChunkPlacement, PlacedFile
 from tests.proc.dataserver_harness import KEY, Cluster, FakeMetaserver
 from wire.address import Address
 from wire.transport import bound_port, serve
@@ -38,7 +38,10 @@ from wire.transport import bound_port, serve
 MIB = 1024 * 1024
 CHUNK_BYTES = 64 * MIB
 IO_BYTES = 64 * MIB
-READ_BYTES = 8 * MIB
+READ_BYTES = READ_PIECE_BYTES
+"""Bytes per read call, for the disk as for the cluster: one of the client's read pieces,
+which the library hands out as a view of what it received (a read across pieces is
+joined into a copy)."""
 READAHEAD_BYTES = 32 * MIB
 READ_ROUNDS = 2
 """Cold reads of the file per replication.  On these virtual machines the first read
