@@ -25,8 +25,8 @@ Failure rules:
   with a logged reason;
 * an unknown method (ENOSYS), a body that does not match its schema (EPROTO)
   or a handler that raises get an error reply; the connection stays up;
-* a handler's unexpected exception is logged with its traceback and becomes
-  EIO: it never takes the process down;
+* a handler's unexpected exception, or a reply that cannot be encoded, is
+  logged with its traceback and becomes EIO: it never takes the process down;
 * when the connection dies, every call still waiting fails at once with
   :class:`~wire.errors.ConnectionLost`;
 * a one-way message cannot be answered, so anything wrong with it (unknown
@@ -172,6 +172,14 @@ def _error_envelope(error: RpcError) -> list[Any]:
         log.error("an RpcError with code %r cannot be sent; answering EIO", code)
         return [ERROR, errno.EIO, f"error code {code!r}: {error.message}"[:ERROR_MESSAGE_CHARS_MAX]]
     return [ERROR, code, error.message[:ERROR_MESSAGE_CHARS_MAX]]
+
+
+def _unsendable(envelope: list[Any]) -> list[Any]:
+    """The EIO envelope that replaces a reply ``[kind, call_id, ...]`` msgpack could not
+    pack (an int past 64 bits, say): a local bug, logged with the exception being handled.
+    Nothing of the bad frame was queued (the writer packs before it queues)."""
+    log.exception("the reply to call %s could not be sent", envelope[1])
+    return [ERROR, envelope[1], errno.EIO, "internal error: the reply could not be encoded"]
 
 
 async def _park(waiting: Deferred | _PendingCall) -> None:
@@ -629,7 +637,14 @@ class RpcConnection:
         if self.closed:
             return
         envelope.insert(1, call_id)
-        if self._writer.queue(envelope) or self._nursery is None:
+        try:
+            queued = self._writer.queue(envelope)
+        except Exception:
+            # Runs in the reading task or in whichever task settled a Deferred: a reply
+            # msgpack cannot pack must not raise into either.
+            envelope = _unsendable(envelope)
+            queued = self._writer.queue(envelope)
+        if queued or self._nursery is None:
             return
         scope = trio.CancelScope()
         self._incoming[call_id] = scope
@@ -640,7 +655,12 @@ class RpcConnection:
     ) -> None:
         try:
             with scope:
-                await self._send(envelope, None, wait=True)
+                try:
+                    await self._send(envelope, None, wait=True)
+                except ConnectionLost:
+                    raise
+                except Exception:
+                    await self._send(_unsendable(envelope), None, wait=True)
         except ConnectionLost:
             pass
         finally:
@@ -655,7 +675,12 @@ class RpcConnection:
             with scope:
                 envelope, reply_payload = await self._run_handler(name, body, payload)
             envelope.insert(1, call_id)
-            await self._send(envelope, reply_payload)
+            try:
+                await self._send(envelope, reply_payload)
+            except ConnectionLost:
+                raise
+            except Exception:
+                await self._send(_unsendable(envelope), None)
         except ConnectionLost:
             pass
         finally:
@@ -682,9 +707,13 @@ class RpcConnection:
         except Exception:
             log.exception("handler for %s failed", name)
             return [ERROR, errno.EIO, f"internal error in {name}"], None
-        if isinstance(result, WithPayload):
-            return [REPLY, schema.encode(result.reply)], result.payload
-        return [REPLY, schema.encode(result)], None
+        try:
+            if isinstance(result, WithPayload):
+                return [REPLY, schema.encode(result.reply)], result.payload
+            return [REPLY, schema.encode(result)], None
+        except Exception:
+            log.exception("encoding the reply of %s failed", name)
+            return [ERROR, errno.EIO, f"internal error in {name}"], None
 
     def _close(self, reason: str) -> None:
         if self._closed.is_set():

@@ -123,11 +123,30 @@ async def serve(
 
     ``task_status.started`` reports the listeners (so a caller that asked for
     port 0 learns the real one).  A peer that fails the handshake costs one
-    log line and its own connection, nothing else.
+    log line and its own connection, nothing else.  Any other exception out of
+    one connection (a bug: in the handshake, the RPC layer or ``on_connection``)
+    is logged at error level with its traceback and the peer's address, and
+    closes that connection only.
     """
 
     async def handle(stream: trio.SocketStream) -> None:
         peer = _peer_text(stream)
+        try:
+            await serve_one(stream, peer)
+        except Exception as error:
+            # The safety net: what a peer can cause is handled (and logged) below; what
+            # still arrives here is a bug. It stays visible, with its traceback, but costs
+            # this connection only: an exception out of handle() would end serve_listeners
+            # and the process.
+            log.error(
+                "closing connection from %s after an unexpected error: %s",
+                peer,
+                _innermost(error),
+                exc_info=True,
+            )
+            await trio.aclose_forcefully(stream)
+
+    async def serve_one(stream: trio.SocketStream, peer: str) -> None:
         reader = FrameReader(stream, HANDSHAKE_LIMITS)
         writer = FrameWriter(stream)
         try:
@@ -157,6 +176,13 @@ async def serve(
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     task_status.started(listeners)
     await trio.serve_listeners(handle, listeners)
+
+
+def _innermost(error: BaseException) -> str:
+    """``repr`` of the exception inside nested one-exception groups (what a nursery adds)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return repr(error)
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> typing.NoReturn:

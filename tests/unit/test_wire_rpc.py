@@ -472,3 +472,119 @@ async def test_a_reply_that_fails_its_own_check_is_eproto_for_the_caller() -> No
         assert caught.value.code == errno.EPROTO
         assert "3 is odd" in caught.value.message
         assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+class _SloppyService(EchoService):
+    """Handlers whose replies cannot be sent: one schema.encode refuses, one msgpack
+    cannot pack (an int past 64 bits); as task, immediate and deferred handlers."""
+
+    async def unencodable(self, request: Value, _context: object) -> object:
+        return object()
+
+    async def unpackable(self, request: Value, _context: object) -> Value:
+        return Value(2**70)
+
+    def unpackable_now(self, request: Value, _context: object) -> Value:
+        return Value(2**70)
+
+    def handlers(self):  # type: ignore[no-untyped-def]
+        handlers = super().handlers()
+        handlers.register(SLOPPY_ENCODE, self.unencodable)
+        handlers.register(SLOPPY_PACK, self.unpackable)
+        handlers.register_immediate(SLOPPY_NOW, self.unpackable_now)
+        return handlers
+
+
+SLOPPY_ENCODE = schema.Method("test.sloppy_encode", Value, Value)
+SLOPPY_PACK = schema.Method("test.sloppy_pack", Value, Value)
+SLOPPY_NOW = schema.Method("test.sloppy_now", Value, Value)
+
+
+@pytest.mark.parametrize("method", [SLOPPY_ENCODE, SLOPPY_PACK, SLOPPY_NOW])
+async def test_a_reply_that_cannot_be_sent_is_eio_and_the_server_keeps_serving(
+    method: schema.Method[Value, Value], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = _SloppyService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        with pytest.raises(RpcError) as caught:
+            await conn.call(method, Value(1))
+        assert caught.value.code == errno.EIO
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+
+
+async def test_a_deferred_reply_that_cannot_be_sent_is_eio_and_its_settler_is_unharmed() -> None:
+    service = EchoService()
+    async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
+        async with trio.open_nursery() as nursery:
+            outcome: list[object] = []
+
+            async def call() -> None:
+                try:
+                    outcome.append(await conn.call(LATER, Value(1)))
+                except RpcError as error:
+                    outcome.append(error.code)
+
+            nursery.start_soon(call)
+            with trio.fail_after(5):
+                while 1 not in service.later:
+                    await trio.sleep(0.01)
+            service.later[1].resolve(2**70)  # must not raise here, in the settler
+        assert outcome == [errno.EIO]
+        assert await conn.call(ECHO, Value(1)) == Value(2)
+
+
+async def test_a_bug_in_the_receive_path_closes_only_that_connection_with_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The per-connection safety net of serve(): whatever escapes a connection is
+    logged at error level with its traceback and the peer's address, and costs only
+    that connection."""
+    from wire.rpc import RpcConnection
+
+    dispatch = RpcConnection._dispatch
+
+    def buggy_dispatch(self, nursery, header, payload):  # type: ignore[no-untyped-def]
+        if header == ["boom"]:
+            raise RuntimeError("a bug in dispatch")
+        return dispatch(self, nursery, header, payload)
+
+    monkeypatch.setattr(RpcConnection, "_dispatch", buggy_dispatch)
+    async with running_server() as address:
+        raw = await _authenticated_raw_socket(address)
+        local = raw.socket.getsockname()
+        async with open_connection(address, KEY, name="bystander") as bystander:
+            await raw.send_all(_raw_frame(["boom"]))
+            await _wait_for_eof(raw)
+            assert await bystander.call(ECHO, Value(7)) == Value(8)
+        async with open_connection(address, KEY, name="after") as after:
+            assert await after.call(ECHO, Value(1)) == Value(2)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert f"{local[0]}:{local[1]}" in errors[0].getMessage()
+    assert "a bug in dispatch" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+
+
+async def test_a_bug_in_the_handshake_closes_only_that_connection_with_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import wire.transport
+
+    authenticate = wire.transport.authenticate_as_listener
+    calls = []
+
+    async def buggy_once(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug in the handshake")
+        return await authenticate(*args)
+
+    monkeypatch.setattr(wire.transport, "authenticate_as_listener", buggy_once)
+    async with running_server() as address:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        await _wait_for_eof(stream)
+        async with open_connection(address, KEY, name="after") as after:
+            assert await after.call(ECHO, Value(1)) == Value(2)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "a bug in the handshake" in errors[0].getMessage()
