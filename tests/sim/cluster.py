@@ -19,6 +19,7 @@ Same seed, same run: every failure names its seed and replays from it alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
 import random
 from collections.abc import Callable
@@ -178,6 +179,9 @@ class SimResult:
     operations: int
     events: int
     sim_ms: int
+    trace_digest: str
+    """Digest of every message sent (when, from, to, bytes) and every slot applied
+    (where, which slot, the state after): equal digests, the same run."""
 
 
 # ---------------------------------------------------------------- client protocol
@@ -254,6 +258,7 @@ class Simulation:
         self._sequence = 0
         self.events = 0
         self.counters: dict[str, int] = {}
+        self.trace = hashlib.blake2b(digest_size=16)
         self.blocked: set[tuple[NodeId, NodeId]] = set()
         self.drop_rate = config.drop_rate
         founders = tuple(NodeId(i) for i in range(1, config.replicas + 1))
@@ -307,6 +312,7 @@ class Simulation:
             operations=sum(len(c.history) for c in self.clients),
             events=self.events,
             sim_ms=self.now_us // 1000,
+            trace_digest=self.trace.hexdigest(),
         )
 
     def _after_event(self) -> None:
@@ -458,6 +464,7 @@ class Simulation:
     def _apply(self, host: Host, entry: CommittedEntry) -> None:
         commands = host.kv.apply(entry)
         value = entry.entry()
+        self.trace.update(b"a%d:%d:%d:" % (self.now_us, host.node_id, entry.slot) + host.kv.digest)
         self.checker.on_apply(host.node_id, entry.slot, value, host.kv.digest)
         for command in commands:
             key = (command.client, command.op_id)
@@ -537,6 +544,7 @@ class Simulation:
         return delay
 
     def _send_paxos(self, src: NodeId, dst: NodeId, data: bytes) -> None:
+        self.trace.update(b"m%d:%d:%d:%d:" % (self.now_us, src, dst, len(data)) + data)
         if (src, dst) in self.blocked or self.rng_net.random() < self.drop_rate:
             self.count("messages_dropped")
             return
