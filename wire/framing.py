@@ -124,7 +124,14 @@ class FrameLimits:
             "max_array_len": self.container_items_max,
             "max_map_len": self.container_items_max,
             "max_ext_len": 0,
+            # max_ext_len 0 still lets an ext of no data through (as an ExtType).
+            "ext_hook": _refuse_ext,
         }
+
+
+def _refuse_ext(code: int, _data: bytes) -> Any:
+    """No paxfs message uses msgpack's ext types: any ext in a header is malformed."""
+    raise ValueError(f"msgpack ext type {code} is not allowed")
 
 
 DEFAULT_LIMITS = FrameLimits()

@@ -405,3 +405,68 @@ async def test_a_peer_that_stops_reading_breaks_the_writer_at_its_timeout(
     assert writer.broken and trio.current_time() - started >= 5.0
     with pytest.raises(trio.ClosedResourceError):
         await writer.send(["after"])
+
+
+def test_bin_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
+    assert _read_all(_frame([b"\xff" * 1000]))[0][0] == [b"\xff" * 1000]
+    with pytest.raises(ProtocolError, match="max_bin_len"):
+        _read_all(_frame([b"\xff" * 1001]))
+
+
+def test_map_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
+    at_limit = {i: str(i) for i in range(100)}
+    assert _read_all(_frame(at_limit))[0][0] == at_limit
+    with pytest.raises(ProtocolError, match="max_map_len"):
+        _read_all(_frame({i: str(i) for i in range(101)}))
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [
+        b"\xc7\x00\x05",  # ext 8 with no data: within max_ext_len 0, yet an ext
+        b"\xc7\x00\xff",  # the same with the timestamp type
+        b"\xd4\x05\x00",  # fixext 1
+        b"\xd6\xff\x00\x00\x00\x00",  # a timestamp (fixext 4, type -1)
+        b"\xd8\x05" + bytes(16),  # fixext 16
+        b"\xc8\x00\x03\x05abc",  # ext 16
+    ],
+)
+def test_msgpack_ext_types_are_refused_whatever_their_length(ext: bytes) -> None:
+    header = b"\x92\x01" + ext  # [1, <ext>]
+    with pytest.raises(ProtocolError, match="ext|timestamp"):
+        _read_all(struct.pack(">II", len(header), 0) + header)
+
+
+def test_each_handshake_limit_at_its_edge_and_just_past_it() -> None:
+    from wire.framing import HANDSHAKE_LIMITS as HS
+
+    assert (HS.header_bytes_max, HS.string_bytes_max, HS.container_items_max) == (512, 256, 8)
+    assert (HS.payload_bytes_max, HS.nesting_depth_max) == (0, 2)
+    # header bytes: one bin of n bytes packs to n + 2 (bin 8) or n + 3 (bin 16)
+    assert len(_read_all(_frame(b"\xff" * 253), HS)) == 1  # 255 header bytes
+    fits = ["a" * 256, "b" * 250]  # 1 + (3 + 256) + (2 + 250) = 512 header bytes
+    assert len(msgpack.packb(fits)) == HS.header_bytes_max
+    assert _read_all(_frame(fits), HS)[0][0] == fits
+    with pytest.raises(ProtocolError, match=r"frame header of 513 bytes \(limit 512\)"):
+        _read_all(_frame(["a" * 256, "b" * 251]), HS)
+    # strings and bins
+    assert _read_all(_frame(["a" * 256]), HS)[0][0] == ["a" * 256]
+    assert _read_all(_frame([b"a" * 256]), HS)[0][0] == [b"a" * 256]
+    with pytest.raises(ProtocolError, match="max_str_len"):
+        _read_all(_frame(["a" * 257]), HS)
+    with pytest.raises(ProtocolError, match="max_bin_len"):
+        _read_all(_frame([b"a" * 257]), HS)
+    # containers
+    assert _read_all(_frame(list(range(8))), HS)[0][0] == list(range(8))
+    assert _read_all(_frame({i: i for i in range(8)}), HS)[0][0] == {i: i for i in range(8)}
+    with pytest.raises(ProtocolError, match="max_array_len"):
+        _read_all(_frame(list(range(9))), HS)
+    with pytest.raises(ProtocolError, match="max_map_len"):
+        _read_all(_frame({i: i for i in range(9)}), HS)
+    # nesting
+    assert len(_read_all(_frame([[0], [1]]), HS)) == 1
+    with pytest.raises(ProtocolError, match="nested deeper than 2"):
+        _read_all(_frame([[[0]]]), HS)
+    # payload: none at all
+    with pytest.raises(ProtocolError, match=r"frame payload of 1 bytes \(limit 0\)"):
+        _read_all(_frame([0], b"x"), HS)
