@@ -2,9 +2,12 @@
 
 Everything -- replicas, clients, network, disks, clocks, an operator changing the
 membership -- runs in one process, driven by one event queue ordered by simulated real
-time (microseconds). Each replica owns a :class:`PaxosNode` and runs the Ready loop the
-metaserver runs: install snapshots, append records, fsync (a delay during which a crash
-loses them), then send, apply, answer reads, ``advance``.
+time (microseconds). Each replica owns a :class:`PaxosNode` and runs a Ready loop:
+install snapshots, append records, fsync (a delay during which a crash loses them),
+then send, apply, answer reads, ``advance``. On half the seeds
+(``SimConfig.production_ordering``) it runs the loop as the metaserver does, with
+every relaxation the Ready contract allows: the leader's requests leave and chosen
+slots are applied before the fsync, and a lone commit-index record is not waited for.
 
 Faults: messages dropped, duplicated, delayed and reordered; partitions and heals
 between replicas; crashes (unsynced records lost, the tail possibly torn) and restarts;
@@ -45,13 +48,16 @@ from metaserver.paxos import (
     ReadResult,
     ReadsFailed,
     Ready,
+    Record,
     Role,
     SnapshotInstall,
     StepDownReason,
     SteppedDown,
     initial_snapshot_meta,
 )
-from metaserver.paxos.records import AcceptedRecord, ChosenRecord
+from metaserver.paxos.messages import Accept, Commit, Heartbeat
+from metaserver.paxos.records import AcceptedRecord, ChosenRecord, CommitRecord, PromiseRecord
+from metaserver.paxos.types import Ballot
 from tests.lincheck import Operation, check, kv_model
 from tests.sim.checker import SafetyChecker, SimViolation
 from tests.sim.codec import decode_message, encode_message
@@ -69,6 +75,8 @@ REQUIRED_COVERAGE = (
     "corruption_detected",
     "lease_reads",
     "read_index_reads",
+    "sent_before_fsync",
+    "applied_before_fsync",
 )
 """Events that some seed of every batch must reach, or the batch fails. Counted but
 not required: ``hole_filled_noop`` (a new leader fills a hole below a recovered vote
@@ -118,6 +126,9 @@ class SimConfig:
     snapshot_every_slots: int
     drift_ppm_max: int
     tick_us: int = 5_000
+    production_ordering: bool = False
+    """Run the Ready loop as ``metaserver/replica.py`` does, using every relaxation the
+    Ready contract allows (see ``Simulation._pump``), instead of fsync-before-anything."""
 
     @staticmethod
     def from_seed(seed: int) -> SimConfig:
@@ -166,9 +177,11 @@ class SimConfig:
         # whole heartbeat interval (news only with Accepts and Heartbeats).
         commit_delay_ms = rng.choice((0, 3, 20))
         thrifty = rng.random() < 0.5
+        production_ordering = rng.random() < 0.5
         return dataclasses.replace(
             config,
             options=dataclasses.replace(options, commit_delay_ms=commit_delay_ms, thrifty=thrifty),
+            production_ordering=production_ordering,
         )
 
 
@@ -224,6 +237,10 @@ class Host:
         self.was_leader = False
         self.crash_during_write = False
         self.pending_writes: set[tuple[int, int]] = set()
+        self.durable_ballot = Ballot(0, NodeId(0))
+        """Highest ballot of a promise or vote on this disk (production ordering)."""
+        self.deferred_commit: CommitRecord | None = None
+        """A commit-index record waiting to ride with the next records (production)."""
         self.pending_reads: dict[int, tuple[int, int, str]] = {}
         self.next_read_id = 1
 
@@ -372,6 +389,8 @@ class Simulation:
             records=loaded.records,
         )
         self.checker.on_restart(host.node_id, host.node.promised)
+        host.durable_ballot = host.node.promised
+        host.deferred_commit = None
         host.alive = True
         host.busy = False
         host.was_leader = False
@@ -400,7 +419,17 @@ class Simulation:
         self.at(self.config.tick_us + jitter, lambda: self._tick_loop(host, incarnation))
 
     def _pump(self, host: Host) -> None:
-        """The owner's Ready loop, one Ready at a time, fsync before anything leaves."""
+        """The owner's Ready loop, one Ready at a time.
+
+        By default strictly in the documented order: fsync, then send, then apply. With
+        ``production_ordering`` (half the seeds) as ``metaserver/replica.py`` does it,
+        using the relaxations of :mod:`metaserver.paxos.ready`: a Ready whose only
+        record is a commit index neither waits nor fsyncs (the record rides with the
+        next records); the leader's Accept, Commit and Heartbeat at a ballot already
+        durable leave before the fsync; and committed slots (chosen: a quorum holds
+        them) are applied before it. Promises, votes and ``advance()`` still wait.
+        """
+        production = self.config.production_ordering
         while host.alive and not host.busy:
             node = host.node
             assert node is not None
@@ -409,39 +438,92 @@ class Simulation:
             ready = node.ready()
             if ready.snapshot_install is not None:
                 self._install(host, ready.snapshot_install)
-            if ready.records:
-                host.disk.append(ready.records)
+            records = ready.records
+            if production and records:
+                last = records[-1]
+                if len(records) == 1 and isinstance(last, CommitRecord):
+                    host.deferred_commit = last
+                    records = ()
+                    self.count("commit_record_deferred")
+                elif host.deferred_commit is not None:
+                    records = (host.deferred_commit, *records)
+                    host.deferred_commit = None
+            if records:
+                host.disk.append(records)
                 host.busy = True
+                early: frozenset[int] = frozenset()
+                if production:
+                    early = self._send_early(host, ready)
+                    for entry in ready.committed:
+                        self._apply(host, entry)
+                        self.count("applied_before_fsync")
                 if host.crash_during_write:
                     # Power fails while these records are on their way to the platter.
                     host.crash_during_write = False
                     self.at(self.rng_disk.randrange(0, 20), _bind(self._crash_and_restart, host))
                 delay = self.rng_disk.randrange(20, self.config.fsync_us_max + 1)
-                self.at(delay, _bind(self._fsync_done, host, host.incarnation, ready))
+                self.at(
+                    delay, _bind(self._fsync_done, host, host.incarnation, ready, records, early)
+                )
                 return
             self._complete(host, ready)
 
-    def _fsync_done(self, host: Host, incarnation: int, ready: Ready) -> None:
+    def _send_early(self, host: Host, ready: Ready) -> frozenset[int]:
+        """Send what may leave before this Ready's fsync; returns their positions."""
+        sent: set[int] = set()
+        for position, outbound in enumerate(ready.messages):
+            message = outbound.message
+            if (
+                isinstance(message, Accept | Commit | Heartbeat)
+                and message.ballot <= host.durable_ballot
+            ):
+                self.checker.on_send(host.node_id, message)
+                self._send_paxos(host.node_id, outbound.to, encode_message(message))
+                self.count("sent_before_fsync")
+                sent.add(position)
+        return frozenset(sent)
+
+    def _fsync_done(
+        self,
+        host: Host,
+        incarnation: int,
+        ready: Ready,
+        records: tuple[Record, ...],
+        sent_early: frozenset[int],
+    ) -> None:
         if not host.alive or host.incarnation != incarnation:
             return
         host.disk.sync()
-        self.checker.on_durable(host.node_id, ready.records)
-        if any(isinstance(r, ChosenRecord) for r in ready.records):
+        self.checker.on_durable(host.node_id, records)
+        for record in records:
+            if isinstance(record, PromiseRecord | AcceptedRecord):
+                host.durable_ballot = max(host.durable_ballot, record.ballot)
+        if any(isinstance(r, ChosenRecord) for r in records):
             self.count("catchup_from_log")
-        if any(_fills_hole(host.node_id, r) for r in ready.records):
+        if any(_fills_hole(host.node_id, r) for r in records):
             self.count("hole_filled_noop")
         host.busy = False
-        self._complete(host, ready)
+        self._complete(host, ready, sent_early, applied=self.config.production_ordering)
         self._pump(host)
 
-    def _complete(self, host: Host, ready: Ready) -> None:
+    def _complete(
+        self,
+        host: Host,
+        ready: Ready,
+        sent_early: frozenset[int] = frozenset(),
+        *,
+        applied: bool = False,
+    ) -> None:
         node = host.node
         assert node is not None
-        for outbound in ready.messages:
+        for position, outbound in enumerate(ready.messages):
+            if position in sent_early:
+                continue
             self.checker.on_send(host.node_id, outbound.message)
             self._send_paxos(host.node_id, outbound.to, encode_message(outbound.message))
-        for entry in ready.committed:
-            self._apply(host, entry)
+        if not applied:
+            for entry in ready.committed:
+                self._apply(host, entry)
         for read in ready.reads:
             pending = host.pending_reads.pop(read.read_id, None)
             assert host.kv.index >= read.index, "read released before its index was applied"

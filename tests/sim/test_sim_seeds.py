@@ -2,7 +2,8 @@
 linearizability and liveness, plus coverage counters that fail the batch if no seed
 reached one of ``REQUIRED_COVERAGE``: a leader change, a preempted leader, a snapshot
 taken, a restart from a snapshot, a catch-up from a snapshot, a membership change, a
-torn tail cut, a corrupt record detected, and reads by lease and by read-index.
+torn tail cut, a corrupt record detected, reads by lease and by read-index, and the
+metaserver's Ready ordering (messages sent and slots applied before the fsync).
 
 A seed is a whole run: ``test_a_seed_replays_identically`` runs one again in a fresh
 interpreter with other string hashing, as the replay a failure prints would, and
