@@ -80,7 +80,7 @@ REQUIRED_COVERAGE = (
 )
 """Events that some seed of every batch must reach, or the batch fails. Counted but
 not required: ``hole_filled_noop`` (a new leader fills a hole below a recovered vote
-with a no-op), which seeds 0..149 reach only twice; ``scripts/hole_filled_with_noop.txt``
+with a no-op), which only 3 runs of seeds 0..449 reach; ``scripts/hole_filled_with_noop.txt``
 shows it deterministically."""
 COVERAGE_SEEDS_MIN = 50
 """Coverage is judged only on a batch of at least this many seeds: a few seeds (the
