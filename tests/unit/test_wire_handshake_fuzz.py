@@ -33,10 +33,12 @@ def _frame(header: object, payload: bytes = b"") -> bytes:
 
 
 HELLO = _frame([PROTOCOL, "fuzz", b"n" * NONCE_BYTES])
+INTS = st.integers(-(2**63), 2**64 - 1)
+"""Every int msgpack can pack."""
 VALUES = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
+    | INTS
     | st.text(max_size=300)
     | st.binary(max_size=300),
     lambda inner: st.lists(inner, max_size=10),
@@ -52,9 +54,9 @@ HOSTILE = st.one_of(
     st.builds(
         lambda protocol, name, nonce, extra: _frame([protocol, name, nonce, *extra]),
         st.sampled_from([PROTOCOL, "paxfs/0", "", b"paxfs/1"]),
-        st.text(max_size=300) | st.integers() | st.none(),
+        st.text(max_size=300) | INTS | st.none(),
         st.binary(max_size=40) | st.text(max_size=40),
-        st.lists(st.integers(), max_size=2),
+        st.lists(INTS, max_size=2),
     ),
     # A genuine hello cut anywhere, or followed by garbage where the proof belongs.
     st.builds(lambda cut: HELLO[:cut], st.integers(0, len(HELLO) - 1)),
