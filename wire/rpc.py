@@ -63,9 +63,9 @@ REQUEST, REPLY, ERROR, CANCEL, NOTIFY = 0, 1, 2, 3, 4
 CALLS_IN_FLIGHT_MAX = 1024
 ERROR_MESSAGE_CHARS_MAX = 1024
 DEADLINE_GRANULARITY_S = 0.05
-"""A call's ``timeout_s`` ends within this much after it passes.  Deadlines are kept in
-buckets of this width that one timer task per connection sweeps, instead of a cancel
-scope per call (a scope and its deadline cost a client several us per call)."""
+"""A call's ``timeout_s`` ends within this much after it passes, on both ends.  Deadlines
+are kept in buckets of this width that one timer task per connection sweeps, instead of
+a deadline on a cancel scope per call (registering one costs several us per call)."""
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
@@ -209,7 +209,8 @@ class Handlers:
 
     def register(self, method: schema.Method[Req, Rep], handler: Handler) -> None:
         """Serve ``method`` with an async ``handler``: each call runs in a task of its own,
-        under the caller's deadline, and is cancelled by the caller's CANCEL."""
+        cancelled by the caller's CANCEL or once the caller's deadline has passed (within
+        ``DEADLINE_GRANULARITY_S``)."""
         self._add(_Entry(method, handler, immediate=False))
 
     def register_immediate(
@@ -295,6 +296,9 @@ class RpcConnection:
         self._outgoing_slots = trio.Semaphore(calls_in_flight_max)
         self._deadlines: dict[int, list[int]] = {}
         """Call ids by deadline bucket (``ceil(deadline / DEADLINE_GRANULARITY_S)``)."""
+        self._handler_deadlines: dict[int, list[int]] = {}
+        """Ids of the peer's calls served in tasks, by deadline bucket.  Only ids: a peer
+        that reuses the id of a finished call early gets the old deadline."""
         self._deadlines_added = trio.Event()
         self._incoming: dict[int, trio.CancelScope | Deferred] = {}
         self._closed = trio.Event()
@@ -377,13 +381,7 @@ class RpcConnection:
         timeout_ms = None
         if timeout_s is not None:
             timeout_ms = max(1, math.ceil(timeout_s * 1000))
-            bucket = math.ceil((trio.current_time() + timeout_s) / DEADLINE_GRANULARITY_S)
-            calls = self._deadlines.get(bucket)
-            if calls is None:
-                self._deadlines[bucket] = [call_id]
-                self._deadlines_added.set()
-            else:
-                calls.append(call_id)
+            self._add_deadline(self._deadlines, timeout_s, call_id)
         try:
             await self._send([REQUEST, call_id, pending.name, body, timeout_ms], payload)
             await pending.wait()
@@ -395,25 +393,43 @@ class RpcConnection:
             self._pending.pop(call_id, None)
             self._outgoing_slots.release()
 
+    def _add_deadline(self, buckets: dict[int, list[int]], timeout_s: float, call_id: int) -> None:
+        """File ``call_id`` under the bucket of the deadline ``timeout_s`` from now."""
+        bucket = math.ceil((trio.current_time() + timeout_s) / DEADLINE_GRANULARITY_S)
+        call_ids = buckets.get(bucket)
+        if call_ids is None:
+            buckets[bucket] = [call_id]
+            self._deadlines_added.set()
+        else:
+            call_ids.append(call_id)
+
     async def _expire_calls(self) -> None:
-        """Fail calls whose deadline passed with ETIMEDOUT and tell the peer to cancel."""
+        """Fail our calls whose deadline passed with ETIMEDOUT (telling the peer to cancel),
+        and cancel the handlers of the peer's calls whose deadline passed."""
         while True:
-            if not self._deadlines:
+            if not self._deadlines and not self._handler_deadlines:
                 await self._deadlines_added.wait()
                 self._deadlines_added = trio.Event()
                 continue
             # At least every DEADLINE_GRANULARITY_S: a shorter timeout than those already
             # waiting may have opened an earlier bucket meanwhile.
-            first = min(self._deadlines) * DEADLINE_GRANULARITY_S
-            await trio.sleep_until(min(first, trio.current_time() + DEADLINE_GRANULARITY_S))
-            now = trio.current_time()
-            for bucket in [b for b in self._deadlines if b * DEADLINE_GRANULARITY_S <= now]:
+            first = min(itertools.chain(self._deadlines, self._handler_deadlines))
+            await trio.sleep_until(
+                min(first * DEADLINE_GRANULARITY_S, trio.current_time() + DEADLINE_GRANULARITY_S)
+            )
+            last = math.floor(trio.current_time() / DEADLINE_GRANULARITY_S)
+            for bucket in [b for b in self._deadlines if b <= last]:
                 for call_id in self._deadlines.pop(bucket):
                     pending = self._pending.get(call_id)
                     if pending is not None and not pending.finished:
                         message = f"{pending.name} to {self.peer_name} timed out"
                         pending.finish(RpcError(errno.ETIMEDOUT, message), None)
                         self._cancel_remote_soon(call_id)
+            for bucket in [b for b in self._handler_deadlines if b <= last]:
+                for call_id in self._handler_deadlines.pop(bucket):
+                    serving = self._incoming.get(call_id)
+                    if isinstance(serving, trio.CancelScope):
+                        serving.cancel()
 
     async def notify(self, method: schema.Method[Req, Any], message: Req) -> None:
         """Send a one-way ``message`` to the peer's handler of ``method``.
@@ -587,7 +603,7 @@ class RpcConnection:
             return
         scope = trio.CancelScope()
         if timeout_ms is not None:
-            scope.deadline = trio.current_time() + timeout_ms / 1000
+            self._add_deadline(self._handler_deadlines, timeout_ms / 1000, call_id)
         self._incoming[call_id] = scope
         nursery.start_soon(self._serve_request, scope, call_id, name, body, payload)
 

@@ -118,6 +118,27 @@ async def test_a_deadline_fails_the_call_with_etimedout_and_cancels_the_handler(
         assert await conn.call(ECHO, Value(1)) == Value(2)
 
 
+async def test_the_server_ends_a_handler_at_the_callers_deadline_without_a_cancel() -> None:
+    """A caller that vanishes without sending CANCEL (or never would): the deadline in its
+    request still bounds the handler, which gets cancelled and answers ETIMEDOUT."""
+    from wire.rpc import ERROR, REQUEST
+
+    service = EchoService()
+    async with running_server(service) as address:
+        raw = await _authenticated_raw_socket(address)
+        started = trio.current_time()
+        await raw.send_all(_raw_frame([REQUEST, 1, "test.sleep", [60_000, ""], 200]))
+        with trio.fail_after(5):
+            while service.sleeps_cancelled < 1:
+                await trio.sleep(0.01)
+        assert trio.current_time() - started >= 0.2
+        with trio.fail_after(5):
+            data = await raw.receive_some(65536)
+        header = msgpack.unpackb(data[8:])
+        assert header[:3] == [ERROR, 1, errno.ETIMEDOUT]
+        await raw.aclose()
+
+
 async def test_cancelling_a_caller_cancels_the_remote_handler() -> None:
     service = EchoService()
     async with running_server(service) as address, open_connection(address, KEY, name="t") as conn:
