@@ -31,6 +31,7 @@ from wire.ids import (
 from wire.namespace_ops import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    ROOT_CREDENTIALS,
     XATTR_CREATE,
     AckDeletions,
     ChunkReply,
@@ -51,6 +52,7 @@ from wire.namespace_ops import (
     Mkdir,
     Mknod,
     MutationCall,
+    OkReply,
     Open,
     OpenChunk,
     OpenSession,
@@ -60,6 +62,7 @@ from wire.namespace_ops import (
     Rename,
     RequestContext,
     Rmdir,
+    ScanChunks,
     SessionCommand,
     SessionReply,
     SetAttr,
@@ -251,6 +254,96 @@ def test_the_log_exercises_most_outcomes() -> None:
     namespace = Namespace(CONFIG)
     kinds = {type(namespace.apply(command)).__name__ for command in log}
     assert {"EntryReply", "AttrReply", "OkReply", "NsError", "ChunkReply"} <= kinds
+
+
+def referenced_chunks(namespace: Namespace) -> dict[int, int]:
+    """Chunk id -> current version of every chunk some file references (a whole scan)."""
+    found: dict[int, int] = {}
+    inode, index = InodeId(0), 0
+    while True:
+        page = namespace.query(ScanChunks(inode, index), ROOT_CREDENTIALS)
+        found.update((entry.chunk, entry.version) for entry in page.entries)
+        if page.done:
+            return found
+        inode, index = page.next_inode, page.next_index
+
+
+def queued_chunks(namespace: Namespace) -> dict[int, int]:
+    """Chunk id -> version of every entry of the deletion queue."""
+    reply = namespace.query(GetDeletions(), ROOT_CREDENTIALS)
+    assert reply.total == len(reply.entries), "the queue outgrew one page"
+    return {entry.chunk: entry.version for entry in reply.entries}
+
+
+def test_no_chunk_version_handed_out_is_ever_leaked() -> None:
+    """Every chunk version given out (to a writer by OpenChunk, or to the leader by
+    RecoverChunk) stays accounted for: it is the current version of some file's chunk,
+    or the deletion queue covers it, or an AckDeletions removed the entry that covered it.
+    ``verify()`` checks only the converse (nothing referenced is queued)."""
+    seed = seed_from_environment("no chunk is leaked")
+    rng = random.Random(seed)
+    generator = CommandGenerator(random.Random(seed))
+    namespace = Namespace(CONFIG)
+    handed_out: set[tuple[int, int]] = set()
+    acknowledged: dict[int, int] = {}
+
+    seen: set[str] = set()
+
+    def check(step: int) -> None:
+        referenced, queued = referenced_chunks(namespace), queued_chunks(namespace)
+        for chunk, version in sorted(handed_out):
+            if referenced.get(chunk) == version:
+                seen.add("referenced")
+            elif queued.get(chunk, 0) >= version:
+                seen.add("queued")
+            elif acknowledged.get(chunk, 0) >= version:
+                seen.add("acknowledged")
+            else:
+                current = referenced.get(chunk)
+                raise AssertionError(f"step {step}: chunk {chunk} v{version} leaked ({current=})")
+
+    def acknowledge(command: SystemCommand) -> None:
+        before = queued_chunks(namespace)
+        assert namespace.apply(command) == OkReply()
+        after = queued_chunks(namespace)
+        for chunk, version in before.items():
+            if chunk not in after:
+                acknowledged[chunk] = max(acknowledged.get(chunk, 0), version)
+
+    for step in range(1500):
+        command = generator.next()
+        if isinstance(command, SystemCommand) and isinstance(command.op, AckDeletions):
+            queued = queued_chunks(namespace)
+            if queued and rng.random() < 0.5:
+                # As the cluster manager does: acknowledge an entry read from the queue.
+                chunk = rng.choice(sorted(queued))
+                entry = DeletedChunk(ChunkId(chunk), ChunkVersion(queued[chunk]))
+                command = SystemCommand(command.time_ns, AckDeletions((entry,)))
+            acknowledge(command)
+            continue
+        reply = namespace.apply(command)
+        generator.learn(command, reply)
+        if isinstance(reply, ChunkReply):
+            handed_out.add((reply.chunk, reply.version))
+        elif isinstance(command, SystemCommand) and isinstance(reply, OkReply):
+            op = command.op
+            if isinstance(op, RecoverChunk):
+                handed_out.add((op.chunk, op.version + 1))
+        if step % 100 == 0:
+            check(step)
+    # Every session ends (the files only they held open are freed with their chunks),
+    # then the cluster manager deletes whatever is queued.
+    end_ns = generator.now_ns + CONFIG.session_timeout_ns
+    namespace.apply(SystemCommand(end_ns, ExpireSessions()))
+    check(1500)
+    entries = tuple(
+        DeletedChunk(ChunkId(chunk), ChunkVersion(version))
+        for chunk, version in queued_chunks(namespace).items()
+    )
+    acknowledge(SystemCommand(end_ns + 1, AckDeletions(entries)))
+    check(1501)
+    assert seen == {"referenced", "queued", "acknowledged"}, seen
+    namespace.verify()
 
 
 def test_the_digest_changes_with_any_change() -> None:
