@@ -11,12 +11,14 @@ from typing import Any
 
 import msgpack
 
+import metaserver.codec  # noqa: F401  (registers the core's types, as the metaserver does)
 from metaserver.paxos import ALL_MESSAGE_TYPES, ALL_RECORD_TYPES, Message, Record
 from wire import schema
 
-# Exactly what the metaserver registers (metaserver/codec.py), under the same names.
-for _cls in ALL_MESSAGE_TYPES + ALL_RECORD_TYPES:
-    schema.register_message(f"paxos.{_cls.__name__}", _cls)
+# The registrations come from metaserver.codec itself, not a copy: the schema encodes a
+# registered dataclass nested in a message tagged and any other positionally, so a copy
+# that missed one (SnapshotMeta did) made a seed's bytes depend on whether something
+# else in the process had imported metaserver.codec first.
 
 
 def _pack(value: Any) -> bytes:
