@@ -139,7 +139,8 @@ def create(state: State, ctx: Context, op: Create) -> EntryReply:
         raise OpError(errno.EINVAL)
     parent = state.directory(op.parent)
     if op.name in DOTS:
-        raise OpError(errno.EISDIR)  # open(".", O_CREAT)
+        # do_open: an existing name with O_EXCL is EEXIST, then a directory EISDIR.
+        raise OpError(errno.EEXIST if op.exclusive else errno.EISDIR)
     check_name(op.name)
     if session.open_total >= OPEN_FILES_PER_SESSION_MAX:
         raise OpError(errno.EMFILE)
