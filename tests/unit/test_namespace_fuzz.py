@@ -1,18 +1,29 @@
-"""Bad input never raises: Hypothesis throws arbitrary ops, queries and log bytes at the
-namespace; every answer is a reply, failures change nothing, invariants hold."""
+"""Bad input never raises: Hypothesis throws arbitrary ops, queries, session and system
+commands and log bytes at the namespace, alone and mixed into valid command sequences;
+every answer is a reply, failures change nothing, invariants hold."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import enum
 import pathlib
+import random
 import types
 import typing
 from typing import Any
 
+import hypothesis
 import hypothesis.strategies as st
 import msgpack
 from hypothesis import HealthCheck, given, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 import metaserver.namespace
 from metaserver.namespace import Namespace, NamespaceConfig, decode_command
@@ -22,7 +33,10 @@ from wire.namespace_ops import (
     MUTATING_OPS,
     QUERY_OPS,
     REPLY_TYPES,
+    SESSION_OPS,
+    SYSTEM_OPS,
     ClientCommand,
+    Command,
     Credentials,
     GetAttr,
     GetChunks,
@@ -33,11 +47,14 @@ from wire.namespace_ops import (
     ReadDir,
     ReadLink,
     RequestContext,
+    SessionCommand,
     SetXattr,
     StatFs,
+    SystemCommand,
 )
 
-from .test_namespace_support import ALICE, ROOT, SMALL_CHUNK, Client, seeded
+from .test_namespace_determinism import CONFIG, CommandGenerator
+from .test_namespace_support import ALICE, ROOT, SMALL_CHUNK, Client, seed_from_environment, seeded
 
 INTERESTING_INTS = st.one_of(
     st.integers(0, 12),
@@ -49,6 +66,10 @@ INTERESTING_BYTES = st.one_of(
     st.sampled_from([b"", b".", b"..", b"f", b"d", b"a/b", b"\0", b"x" * 256, b"user.a"]),
     st.sampled_from([b"trusted.t", b"system.posix_acl_access", b"user.", b"y" * 70000]),
     st.binary(max_size=300),
+)
+INTERESTING_TEXT = st.one_of(
+    st.sampled_from(["", "127.0.0.1:9", "[::1]:9", "h" * 301, "é" * 151]),
+    st.text(max_size=320),
 )
 CREDENTIALS = st.sampled_from(
     [ROOT, ALICE, Credentials(5, 5, tuple(range(40))), Credentials(-1, 0)]
@@ -66,6 +87,10 @@ def strategy_for(annotation: Any) -> st.SearchStrategy[Any]:
         return INTERESTING_BYTES
     if annotation is bool:
         return st.booleans()
+    if annotation is str:
+        return INTERESTING_TEXT
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return st.sampled_from(list(annotation))
     if dataclasses.is_dataclass(annotation):
         hints = typing.get_type_hints(annotation)
         fields = {f.name: strategy_for(hints[f.name]) for f in dataclasses.fields(annotation)}
@@ -124,6 +149,114 @@ def test_any_query_returns_a_reply_and_changes_nothing(op: Any, credentials: Cre
     digest = c.ns.digest()
     assert isinstance(c.ns.query(op, credentials), REPLY_TYPES)
     assert c.ns.digest() == digest
+
+
+def session_or_system(time_ns: int, op: Any) -> Command:
+    if type(op) in SESSION_OPS:
+        return SessionCommand(time_ns, op)
+    return SystemCommand(time_ns, op)
+
+
+SESSION_AND_SYSTEM_OPS = st.one_of([strategy_for(cls) for cls in SESSION_OPS + SYSTEM_OPS])
+
+
+@seeded
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(op=SESSION_AND_SYSTEM_OPS, time_ns=INTERESTING_INTS)
+def test_any_session_or_system_command_returns_a_reply_and_a_failure_changes_nothing(
+    op: Any, time_ns: int
+) -> None:
+    c = populated()
+    digest = c.ns.digest()
+    reply = c.ns.apply(session_or_system(time_ns, op))
+    assert isinstance(reply, REPLY_TYPES)
+    c.ns.verify()
+    if isinstance(reply, NsError):
+        assert c.ns.digest() == digest
+    restored = Namespace.restore(c.ns.snapshot())
+    assert restored.digest() == c.ns.digest()
+
+
+class BadArgumentsInValidSequences(RuleBasedStateMachine):
+    """Plausible command sequences (those of the determinism tests) with arbitrary
+    commands mixed in: client mutations inside a live session, session and system
+    commands, and queries.  Every step answers a reply and leaves a consistent state; a
+    failed session/system command or any query changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespace = Namespace(CONFIG)
+        self.generator = CommandGenerator(random.Random(0))
+
+    @initialize(randomness=st.randoms(use_true_random=False))
+    def seed_the_generator(self, randomness: random.Random) -> None:
+        self.generator = CommandGenerator(randomness)
+
+    def apply(self, command: Command) -> Any:
+        reply = self.namespace.apply(command)
+        assert isinstance(reply, REPLY_TYPES), reply
+        self.generator.learn(command, reply)
+        return reply
+
+    @rule(count=st.integers(1, 20))
+    def valid_commands(self, count: int) -> None:
+        for _ in range(count):
+            self.apply(self.generator.next())
+
+    @rule(
+        op=st.one_of([strategy_for(cls) for cls in MUTATING_OPS]),
+        credentials=CREDENTIALS,
+        pick=st.integers(0, 7),
+    )
+    def bad_mutation(self, op: Any, credentials: Credentials, pick: int) -> None:
+        """An arbitrary op as the next request of a live session (so that it runs)."""
+        generator = self.generator
+        if not generator.clients:
+            return
+        client = sorted(generator.clients)[pick % len(generator.clients)]
+        seq = generator.clients[client] + 1
+        generator.clients[client] = seq
+        context = RequestContext(
+            ClientId(client), SequenceNumber(seq), SequenceNumber(seq), credentials
+        )
+        generator.now_ns += 1
+        self.apply(ClientCommand(generator.now_ns, MutationCall(context, op)))
+
+    @rule(op=SESSION_AND_SYSTEM_OPS, time_ns=INTERESTING_INTS, now=st.booleans())
+    def bad_session_or_system_command(self, op: Any, time_ns: int, now: bool) -> None:
+        if now:
+            self.generator.now_ns += 1
+            time_ns = self.generator.now_ns
+        digest = self.namespace.digest()
+        if isinstance(self.apply(session_or_system(time_ns, op)), NsError):
+            assert self.namespace.digest() == digest
+
+    @rule(op=st.one_of([strategy_for(cls) for cls in QUERY_OPS]), credentials=CREDENTIALS)
+    def bad_query(self, op: Any, credentials: Credentials) -> None:
+        digest = self.namespace.digest()
+        assert isinstance(self.namespace.query(op, credentials), REPLY_TYPES)
+        assert self.namespace.digest() == digest
+
+    @invariant()
+    def consistent(self) -> None:
+        self.namespace.verify()
+
+    def teardown(self) -> None:
+        restored = Namespace.restore(self.namespace.snapshot())
+        assert restored.digest() == self.namespace.digest()
+
+
+def test_bad_arguments_mixed_into_valid_sequences_never_raise() -> None:
+    seed = seed_from_environment("bad arguments in valid sequences")
+    run_state_machine_as_test(
+        hypothesis.seed(seed)(BadArgumentsInValidSequences),
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
 
 
 @seeded
