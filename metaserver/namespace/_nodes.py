@@ -147,6 +147,7 @@ def make_attr(
         "__dict__",
         {
             "ino": ino,
+            # Constant, because inode numbers are never reused (State.reserve_ino).
             "generation": INODE_GENERATION,
             "mode": mode,
             "nlink": nlink,

@@ -163,7 +163,14 @@ class State:
     # ------------------------------------------------------------ inode life
 
     def reserve_ino(self) -> int:
-        """The next inode number; ENOSPC at the configured inode limit."""
+        """The next inode number; ENOSPC at the configured inode limit.
+
+        Numbers only grow: ``next_ino`` is part of every snapshot, never recomputed from
+        the live inodes, so a freed number is never given out again.  That is why every
+        inode reports the same generation (``INODE_GENERATION``, see ``make_attr``): a FUSE
+        kernel that still holds a freed number until its FORGET can never meet a new inode
+        under it.  Reusing numbers would need a per-inode generation in the state.
+        """
         if len(self.inodes) >= self.config.inodes_max:
             raise OpError(errno.ENOSPC)
         ino = self.next_ino
