@@ -202,7 +202,47 @@ def test_truncate_of_a_directory_is_eisdir_and_of_a_negative_size_einval(c: Clie
     f = c.mknod(b"f")
     assert c.err(SetAttr(d, size=0)) == errno.EISDIR
     assert c.err(SetAttr(f, size=-1)) == errno.EINVAL
+
+
+def test_truncate_of_a_symlink_is_einval(c: Client) -> None:
+    """vfs_truncate: only regular files have a size to set."""
     assert c.err(SetAttr(c.symlink(b"s", b"t"), size=0)) == errno.EINVAL
+
+
+def test_statfs_counts_inodes_files_and_chunk_bytes_through_create_write_and_unlink(
+    c: Client,
+) -> None:
+    before = c.qok(StatFs())
+    f = c.create(b"f")
+    c.mkdir(b"d")
+    made = c.qok(StatFs())
+    assert (made.inodes, made.files, made.directories) == (
+        before.inodes + 2,
+        before.files + 1,
+        before.directories + 1,
+    )
+    assert made.inodes_max - made.inodes == before.inodes_max - before.inodes - 2  # free
+    c.write(f, 0, 2 * CS + 5)
+    written = c.qok(StatFs())
+    goal = c.attr(f).goal
+    assert (written.chunks, written.chunk_bytes, written.replicated_bytes) == (
+        3,
+        2 * CS + 5,
+        (2 * CS + 5) * goal,
+    )
+    c.ok(Unlink(ROOT, b"f"))
+    held = c.qok(StatFs())  # still open: nothing is freed yet
+    assert (held.inodes, held.files, held.open_unlinked, held.chunks) == (
+        before.inodes + 2,
+        before.files + 1,
+        1,
+        3,
+    )
+    c.ok(Release(f))
+    gone = c.qok(StatFs())
+    assert (gone.inodes, gone.files, gone.open_unlinked) == (before.inodes + 1, before.files, 0)
+    assert (gone.chunks, gone.chunk_bytes, gone.replicated_bytes) == (0, 0, 0)
+    assert gone.deletion_queue == 3
 
 
 # ---------------------------------------------------------------- garbage

@@ -9,7 +9,17 @@ import stat
 import pytest
 
 from wire.ids import ROOT_INODE, InodeId
-from wire.namespace_ops import Credentials, Mkdir, Rename, Rmdir, SetAttr, SetGoal, Unlink
+from wire.namespace_ops import (
+    RENAME_EXCHANGE,
+    Create,
+    Credentials,
+    Mkdir,
+    Rename,
+    Rmdir,
+    SetAttr,
+    SetGoal,
+    Unlink,
+)
 
 from .test_namespace_support import ALICE, BOB, CAROL, ROOT, Client
 
@@ -38,6 +48,19 @@ def pub(c: Client) -> InodeId:
 def test_sticky_unlink_by_someone_else_is_eperm(c: Client) -> None:
     c.mknod(b"f", tmp(c), cred=ALICE)
     assert c.err(Unlink(tmp(c), b"f"), BOB) == errno.EPERM
+
+
+def test_rename_exchange_onto_someone_elses_file_in_a_sticky_directory_is_eperm(
+    c: Client,
+) -> None:
+    """renameat2(RENAME_EXCHANGE) removes both names: may_delete checks the sticky bit
+    for the target too, though the caller owns the source."""
+    mine = c.mknod(b"mine", tmp(c), cred=BOB)
+    theirs = c.mknod(b"theirs", tmp(c), cred=ALICE)
+    exchange = Rename(tmp(c), b"mine", tmp(c), b"theirs", RENAME_EXCHANGE)
+    assert c.err(exchange, BOB) == errno.EPERM
+    assert c.lookup(b"mine", tmp(c)).ino == mine and c.lookup(b"theirs", tmp(c)).ino == theirs
+    c.ok(exchange, ROOT)  # the sticky bit binds everyone but the owners and root
 
 
 def test_sticky_unlink_by_the_file_owner_is_allowed(c: Client) -> None:
@@ -201,6 +224,15 @@ def test_files_in_a_setgid_directory_take_its_group(c: Client) -> None:
     assert (attr.uid, attr.gid) == (ALICE.uid, 4242)
 
 
+def test_files_created_with_o_creat_in_a_setgid_directory_take_its_group(c: Client) -> None:
+    d = c.mkdir(b"d", pub(c), mode=0o777, cred=ALICE)
+    c.ok(SetAttr(d, mode=0o2777), ALICE)
+    attr = c.ok(Create(d, b"f", 0o2755, True), BOB).attr
+    assert (attr.uid, attr.gid) == (BOB.uid, ALICE.gid)
+    assert not attr.mode & stat.S_ISGID  # group-executable, and Bob is not in the group
+    assert c.ok(Create(d, b"g", 0o2755, True), CAROL).attr.mode & stat.S_ISGID
+
+
 def test_subdirectories_of_a_setgid_directory_inherit_setgid(c: Client) -> None:
     d = c.mkdir(b"shared")
     c.ok(SetAttr(d, mode=0o2777, gid=4242))
@@ -285,6 +317,15 @@ def test_setattr_is_all_or_nothing(c: Client) -> None:
     before = c.attr(f)
     assert c.err(SetAttr(f, mode=0o600, uid=BOB.uid), ALICE) == errno.EPERM
     assert c.attr(f) == before
+
+
+def test_atime_now_alone_by_the_owner_changes_atime_and_ctime_not_mtime(c: Client) -> None:
+    """utimensat(UTIME_NOW, UTIME_OMIT) by the owner: atime, and ctime as for any
+    attribute change (Linux notify_change), but never mtime."""
+    f = c.mknod(b"f", pub(c), cred=ALICE)
+    c.ok(SetAttr(f, atime_ns=5, mtime_ns=6), ALICE)
+    attr = c.ok(SetAttr(f, atime_now=True), ALICE).attr
+    assert (attr.atime_ns, attr.mtime_ns, attr.ctime_ns) == (c.now_ns, 6, c.now_ns)
 
 
 # ---------------------------------------------------------------- goal

@@ -186,6 +186,16 @@ def test_rename_updates_ctime_of_the_inode_and_both_parents(c: Client) -> None:
     assert c.attr(a).mtime_ns == c.attr(b).mtime_ns == now
 
 
+def test_rename_exchange_updates_ctime_of_both_inodes_and_both_parents(c: Client) -> None:
+    a, b = c.mkdir(b"a"), c.mkdir(b"b")
+    f, g = c.mknod(b"f", a), c.mknod(b"g", b)
+    c.ok(Rename(a, b"f", b, b"g", RENAME_EXCHANGE))
+    now = c.now_ns
+    assert c.attr(f).ctime_ns == c.attr(g).ctime_ns == now
+    assert c.attr(f).mtime_ns < now and c.attr(g).mtime_ns < now
+    assert c.attr(a).mtime_ns == c.attr(b).mtime_ns == now
+
+
 def test_rename_into_a_missing_or_non_directory_parent_fails(c: Client) -> None:
     f = c.mknod(b"f")
     assert c.err(Rename(ROOT, b"f", InodeId(999), b"x")) == errno.ENOENT

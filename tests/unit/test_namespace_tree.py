@@ -58,6 +58,12 @@ def test_bad_names_are_refused_with_their_errno(c: Client, name: bytes, code: in
     assert c.names() == set()
 
 
+def test_lookup_of_a_name_over_255_bytes_is_enametoolong(c: Client) -> None:
+    c.mknod(b"n" * NAME_MAX_BYTES)
+    assert c.lookup(b"n" * NAME_MAX_BYTES).ino
+    assert c.qerr(Lookup(ROOT, b"n" * (NAME_MAX_BYTES + 1))) == errno.ENAMETOOLONG
+
+
 def test_a_name_of_255_bytes_of_any_byte_but_slash_and_nul_is_fine(c: Client) -> None:
     name = bytes(range(1, 256)).replace(b"/", b"x")[:NAME_MAX_BYTES].ljust(NAME_MAX_BYTES, b"y")
     ino = c.mknod(name)

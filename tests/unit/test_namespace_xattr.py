@@ -62,6 +62,20 @@ def test_xattr_replace_on_a_missing_attribute_is_enodata(c: Client) -> None:
     assert c.qok(GetXattr(f, b"user.a")).value == b"2"
 
 
+def test_xattr_create_and_replace_together_fail_whether_or_not_the_name_exists(
+    c: Client,
+) -> None:
+    """Both flags are accepted by setxattr(2) (fs/xattr.c checks only unknown bits) and
+    then each applies, as ext4 and tmpfs do: ENODATA for a missing name (REPLACE),
+    EEXIST for an existing one (CREATE); never EINVAL, and the value is never set."""
+    f = c.mknod(b"f")
+    both = XATTR_CREATE | XATTR_REPLACE
+    assert c.err(SetXattr(f, b"user.a", b"1", both)) == errno.ENODATA
+    c.ok(SetXattr(f, b"user.a", b"1"))
+    assert c.err(SetXattr(f, b"user.a", b"2", both)) == errno.EEXIST
+    assert c.qok(GetXattr(f, b"user.a")).value == b"1"
+
+
 def test_unknown_flags_are_einval(c: Client) -> None:
     assert c.err(SetXattr(c.mknod(b"f"), b"user.a", b"1", 4)) == errno.EINVAL
 
