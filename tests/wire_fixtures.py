@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import msgpack
 import trio
 
 from wire import schema
 from wire.address import Address
+from wire.auth import authenticate_as_dialer
 from wire.errors import RpcError
-from wire.framing import DEFAULT_LIMITS, FrameLimits
+from wire.framing import DEFAULT_LIMITS, HANDSHAKE_LIMITS, FrameLimits, FrameReader, FrameWriter
 from wire.rpc import CallContext, Deferred, Handlers, WithPayload
 from wire.transport import bound_port, serve
 
@@ -171,3 +174,18 @@ async def running_server(
         )
         yield Address("127.0.0.1", bound_port(listeners))
         nursery.cancel_scope.cancel()
+
+
+def raw_frame(header: object, payload: bytes = b"") -> bytes:
+    """The bytes of one frame, built by hand (to send what the real writer never would)."""
+    packed = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(packed), len(payload)) + packed + payload
+
+
+async def authenticated_raw_socket(address: Address) -> trio.SocketStream:
+    """A stream past the handshake, on which a test writes raw frames."""
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    await authenticate_as_dialer(
+        FrameReader(stream, HANDSHAKE_LIMITS), FrameWriter(stream), KEY, "raw"
+    )
+    return stream

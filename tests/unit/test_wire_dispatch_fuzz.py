@@ -16,7 +16,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.wire_fixtures import ECHO, EchoService, Value
+from tests.wire_fixtures import ECHO, EchoService, Value, raw_frame
 from wire.framing import FrameLimits, FrameReader, FrameWriter
 from wire.rpc import CANCEL, ERROR, NOTIFY, REPLY, REQUEST, RpcConnection
 
@@ -70,13 +70,8 @@ ENVELOPES = st.one_of(
 )
 
 
-def _frame(header: object, payload: bytes) -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
-
-
 ENVELOPE_FRAMES = st.builds(
-    lambda h, p: _frame(list(h) if isinstance(h, tuple) else h, p),
+    lambda h, p: raw_frame(list(h) if isinstance(h, tuple) else h, p),
     ENVELOPES,
     st.binary(max_size=64),
 )
@@ -154,7 +149,7 @@ def test_hostile_frames_never_crash_the_dispatcher(frames: list[bytes]) -> None:
 
 def test_a_protocol_violation_is_logged_with_its_reason(caplog) -> None:  # type: ignore[no-untyped-def]
     async def run() -> RpcConnection:
-        return await _serve_then_feed([_frame([7, 1], b"")], EchoService())
+        return await _serve_then_feed([raw_frame([7, 1], b"")], EchoService())
 
     connection = trio.run(run)
     assert "unknown envelope kind 7" in (connection.close_reason or "")

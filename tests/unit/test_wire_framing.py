@@ -14,6 +14,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.wire_fixtures import raw_frame
 from wire.errors import ProtocolError
 from wire.framing import (
     DEFAULT_LIMITS,
@@ -34,11 +35,6 @@ LIMITS = FrameLimits(
     string_bytes_max=1000,
     nesting_depth_max=8,
 )
-
-
-def _frame(header: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
 
 
 def _read_all(data: bytes, limits: FrameLimits = LIMITS) -> list[tuple[object, object]]:
@@ -78,9 +74,9 @@ def test_a_frame_round_trips_with_its_payload() -> None:
 
 
 def test_payload_at_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
-    assert len(_read_all(_frame([0], bytes(LIMITS.payload_bytes_max)))) == 1
+    assert len(_read_all(raw_frame([0], bytes(LIMITS.payload_bytes_max)))) == 1
     with pytest.raises(ProtocolError, match="payload"):
-        _read_all(_frame([0], bytes(LIMITS.payload_bytes_max + 1)))
+        _read_all(raw_frame([0], bytes(LIMITS.payload_bytes_max + 1)))
 
 
 def test_header_at_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
@@ -88,31 +84,31 @@ def test_header_at_the_limit_is_accepted_and_one_byte_more_is_refused() -> None:
     fits = [bytes(LIMITS.header_bytes_max - 4)]
     assert len(msgpack.packb(fits)) == LIMITS.header_bytes_max
     wide = FrameLimits(header_bytes_max=4096, string_bytes_max=10_000)
-    assert len(_read_all(_frame(fits), wide)) == 1
+    assert len(_read_all(raw_frame(fits), wide)) == 1
     with pytest.raises(ProtocolError, match="header"):
-        _read_all(_frame([bytes(LIMITS.header_bytes_max - 3)]), wide)
+        _read_all(raw_frame([bytes(LIMITS.header_bytes_max - 3)]), wide)
 
 
 def test_string_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
-    assert _read_all(_frame(["a" * 1000]))[0][0] == ["a" * 1000]
+    assert _read_all(raw_frame(["a" * 1000]))[0][0] == ["a" * 1000]
     with pytest.raises(ProtocolError):
-        _read_all(_frame(["a" * 1001]))
+        _read_all(raw_frame(["a" * 1001]))
     with pytest.raises(ProtocolError):
-        _read_all(_frame([b"a" * 1001]))
+        _read_all(raw_frame([b"a" * 1001]))
 
 
 def test_container_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
-    assert _read_all(_frame(list(range(100))))[0][0] == list(range(100))
+    assert _read_all(raw_frame(list(range(100))))[0][0] == list(range(100))
     with pytest.raises(ProtocolError):
-        _read_all(_frame(list(range(101))))
+        _read_all(raw_frame(list(range(101))))
     with pytest.raises(ProtocolError):
-        _read_all(_frame({str(i): i for i in range(101)}))
+        _read_all(raw_frame({str(i): i for i in range(101)}))
 
 
 def test_nesting_at_the_limit_is_accepted_and_one_level_more_is_refused() -> None:
-    assert len(_read_all(_frame(_nested(8)))) == 1
+    assert len(_read_all(raw_frame(_nested(8)))) == 1
     with pytest.raises(ProtocolError, match="nested"):
-        _read_all(_frame(_nested(9)))
+        _read_all(raw_frame(_nested(9)))
 
 
 def test_a_zero_length_header_is_refused() -> None:
@@ -121,7 +117,7 @@ def test_a_zero_length_header_is_refused() -> None:
 
 
 def test_a_frame_cut_short_is_refused_not_hung_on() -> None:
-    data = _frame([1, 2, 3], b"abcdef")
+    data = raw_frame([1, 2, 3], b"abcdef")
     for cut in range(1, len(data)):
         with pytest.raises(ProtocolError, match="middle"):
             _read_all(data[:cut])
@@ -156,7 +152,7 @@ def test_random_bytes_either_decode_or_raise_protocol_error(data: bytes) -> None
     st.integers(min_value=0, max_value=200),
 )
 def test_valid_frames_truncated_anywhere_raise_protocol_error(header: object, cut: int) -> None:
-    data = _frame([header], b"p" * 10)
+    data = raw_frame([header], b"p" * 10)
     truncated = data[: min(cut, len(data) - 1)]
     try:
         frames = _read_all(truncated)
@@ -199,7 +195,7 @@ def test_a_header_is_refused_exactly_when_nested_deeper_than_the_limit(header: o
     depth's; bytes that look like container headers inside strings change nothing."""
     deep = _depth(header) > LIMITS.nesting_depth_max
     try:
-        frames = _read_all(_frame(header))
+        frames = _read_all(raw_frame(header))
     except ProtocolError as error:
         assert deep, error
         return
@@ -408,16 +404,16 @@ async def test_a_peer_that_stops_reading_breaks_the_writer_at_its_timeout(
 
 
 def test_bin_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
-    assert _read_all(_frame([b"\xff" * 1000]))[0][0] == [b"\xff" * 1000]
+    assert _read_all(raw_frame([b"\xff" * 1000]))[0][0] == [b"\xff" * 1000]
     with pytest.raises(ProtocolError, match="max_bin_len"):
-        _read_all(_frame([b"\xff" * 1001]))
+        _read_all(raw_frame([b"\xff" * 1001]))
 
 
 def test_map_length_at_the_limit_is_accepted_and_one_more_is_refused() -> None:
     at_limit = {i: str(i) for i in range(100)}
-    assert _read_all(_frame(at_limit))[0][0] == at_limit
+    assert _read_all(raw_frame(at_limit))[0][0] == at_limit
     with pytest.raises(ProtocolError, match="max_map_len"):
-        _read_all(_frame({i: str(i) for i in range(101)}))
+        _read_all(raw_frame({i: str(i) for i in range(101)}))
 
 
 @pytest.mark.parametrize(
@@ -443,30 +439,30 @@ def test_each_handshake_limit_at_its_edge_and_just_past_it() -> None:
     assert (HS.header_bytes_max, HS.string_bytes_max, HS.container_items_max) == (512, 256, 8)
     assert (HS.payload_bytes_max, HS.nesting_depth_max) == (0, 2)
     # header bytes: one bin of n bytes packs to n + 2 (bin 8) or n + 3 (bin 16)
-    assert len(_read_all(_frame(b"\xff" * 253), HS)) == 1  # 255 header bytes
+    assert len(_read_all(raw_frame(b"\xff" * 253), HS)) == 1  # 255 header bytes
     fits = ["a" * 256, "b" * 250]  # 1 + (3 + 256) + (2 + 250) = 512 header bytes
     assert len(msgpack.packb(fits)) == HS.header_bytes_max
-    assert _read_all(_frame(fits), HS)[0][0] == fits
+    assert _read_all(raw_frame(fits), HS)[0][0] == fits
     with pytest.raises(ProtocolError, match=r"frame header of 513 bytes \(limit 512\)"):
-        _read_all(_frame(["a" * 256, "b" * 251]), HS)
+        _read_all(raw_frame(["a" * 256, "b" * 251]), HS)
     # strings and bins
-    assert _read_all(_frame(["a" * 256]), HS)[0][0] == ["a" * 256]
-    assert _read_all(_frame([b"a" * 256]), HS)[0][0] == [b"a" * 256]
+    assert _read_all(raw_frame(["a" * 256]), HS)[0][0] == ["a" * 256]
+    assert _read_all(raw_frame([b"a" * 256]), HS)[0][0] == [b"a" * 256]
     with pytest.raises(ProtocolError, match="max_str_len"):
-        _read_all(_frame(["a" * 257]), HS)
+        _read_all(raw_frame(["a" * 257]), HS)
     with pytest.raises(ProtocolError, match="max_bin_len"):
-        _read_all(_frame([b"a" * 257]), HS)
+        _read_all(raw_frame([b"a" * 257]), HS)
     # containers
-    assert _read_all(_frame(list(range(8))), HS)[0][0] == list(range(8))
-    assert _read_all(_frame({i: i for i in range(8)}), HS)[0][0] == {i: i for i in range(8)}
+    assert _read_all(raw_frame(list(range(8))), HS)[0][0] == list(range(8))
+    assert _read_all(raw_frame({i: i for i in range(8)}), HS)[0][0] == {i: i for i in range(8)}
     with pytest.raises(ProtocolError, match="max_array_len"):
-        _read_all(_frame(list(range(9))), HS)
+        _read_all(raw_frame(list(range(9))), HS)
     with pytest.raises(ProtocolError, match="max_map_len"):
-        _read_all(_frame({i: i for i in range(9)}), HS)
+        _read_all(raw_frame({i: i for i in range(9)}), HS)
     # nesting
-    assert len(_read_all(_frame([[0], [1]]), HS)) == 1
+    assert len(_read_all(raw_frame([[0], [1]]), HS)) == 1
     with pytest.raises(ProtocolError, match="nested deeper than 2"):
-        _read_all(_frame([[[0]]]), HS)
+        _read_all(raw_frame([[[0]]]), HS)
     # payload: none at all
     with pytest.raises(ProtocolError, match=r"frame payload of 1 bytes \(limit 0\)"):
-        _read_all(_frame([0], b"x"), HS)
+        _read_all(raw_frame([0], b"x"), HS)

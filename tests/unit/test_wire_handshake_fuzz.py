@@ -17,7 +17,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.wire_fixtures import ECHO, KEY, Value, running_server
+from tests.wire_fixtures import ECHO, KEY, Value, raw_frame, running_server
 from wire.auth import NONCE_BYTES, PROTOCOL
 from wire.framing import HANDSHAKE_LIMITS
 from wire.transport import open_connection
@@ -27,20 +27,11 @@ CLOSE_WAIT_S = 2.0
 read, not because it gave up waiting."""
 
 
-def _frame(header: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
-
-
-HELLO = _frame([PROTOCOL, "fuzz", b"n" * NONCE_BYTES])
+HELLO = raw_frame([PROTOCOL, "fuzz", b"n" * NONCE_BYTES])
 INTS = st.integers(-(2**63), 2**64 - 1)
 """Every int msgpack can pack."""
 VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | INTS
-    | st.text(max_size=300)
-    | st.binary(max_size=300),
+    st.none() | st.booleans() | INTS | st.text(max_size=300) | st.binary(max_size=300),
     lambda inner: st.lists(inner, max_size=10),
     max_leaves=20,
 )
@@ -48,11 +39,11 @@ HOSTILE = st.one_of(
     st.binary(max_size=64),
     # Random msgpack values as whole frames, some past the handshake's string and
     # container limits (256 bytes, 8 items).
-    st.builds(_frame, VALUES),
+    st.builds(raw_frame, VALUES),
     # Hellos of the wrong shape: wrong protocol, name of the wrong type or too long,
     # nonces of the wrong length or type, extra fields.
     st.builds(
-        lambda protocol, name, nonce, extra: _frame([protocol, name, nonce, *extra]),
+        lambda protocol, name, nonce, extra: raw_frame([protocol, name, nonce, *extra]),
         st.sampled_from([PROTOCOL, "paxfs/0", "", b"paxfs/1"]),
         st.text(max_size=300) | INTS | st.none(),
         st.binary(max_size=40) | st.text(max_size=40),
@@ -60,7 +51,7 @@ HOSTILE = st.one_of(
     ),
     # A genuine hello cut anywhere, or followed by garbage where the proof belongs.
     st.builds(lambda cut: HELLO[:cut], st.integers(0, len(HELLO) - 1)),
-    st.builds(lambda rest: HELLO + rest, st.binary(max_size=64) | st.builds(_frame, VALUES)),
+    st.builds(lambda rest: HELLO + rest, st.binary(max_size=64) | st.builds(raw_frame, VALUES)),
     # Prefixes past the handshake's frame limits (512-byte header, no payload).
     st.builds(
         lambda length, tail: struct.pack(">II", length, 0) + tail,

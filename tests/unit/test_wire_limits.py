@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import trio
 
-from tests.wire_fixtures import KEY, running_server
+from tests.wire_fixtures import KEY, raw_frame, running_server
 from wire.address import Address
 from wire.auth import NONCE_BYTES, PROTOCOL, authenticate_as_dialer
 from wire.framing import HANDSHAKE_LIMITS, FrameLimits, FrameReader, FrameWriter
@@ -29,11 +29,6 @@ LIMITS = FrameLimits(
     nesting_depth_max=4,
 )
 WAIT_S = 5.0
-
-
-def _frame(header: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
 
 
 def _raw_header_frame(packed: bytes) -> bytes:
@@ -60,56 +55,56 @@ def _header_of(length: int) -> list[object]:
 LIVE_CASES = [
     (
         "header",
-        _frame(_header_of(2048)),
+        raw_frame(_header_of(2048)),
         ERROR,
-        _frame(_header_of(2049)),
+        raw_frame(_header_of(2049)),
         "frame header of 2049 bytes (limit 2048)",
     ),
     (
         "payload",
-        _frame([REQUEST, 1, "test.bulk", [0, ""], None], bytes(4096)),
+        raw_frame([REQUEST, 1, "test.bulk", [0, ""], None], bytes(4096)),
         REPLY,
-        _frame([REQUEST, 1, "test.bulk", [0, ""], None], bytes(4097)),
+        raw_frame([REQUEST, 1, "test.bulk", [0, ""], None], bytes(4097)),
         "frame payload of 4097 bytes (limit 4096)",
     ),
     (
         "string",
-        _frame(_echo([1, "a" * 64])),
+        raw_frame(_echo([1, "a" * 64])),
         REPLY,
-        _frame(_echo([1, "a" * 65])),
+        raw_frame(_echo([1, "a" * 65])),
         "65 exceeds max_str_len(64)",
     ),
     (
         "bin",
-        _frame(_echo([1, b"a" * 64])),
+        raw_frame(_echo([1, b"a" * 64])),
         ERROR,
-        _frame(_echo([1, b"a" * 65])),
+        raw_frame(_echo([1, b"a" * 65])),
         "65 exceeds max_bin_len(64)",
     ),
     (
         "array",
-        _frame(_echo(list(range(16)))),
+        raw_frame(_echo(list(range(16)))),
         ERROR,
-        _frame(_echo(list(range(17)))),
+        raw_frame(_echo(list(range(17)))),
         "17 exceeds max_array_len(16)",
     ),
     (
         "map",
-        _frame(_echo({i: i for i in range(16)})),
+        raw_frame(_echo({i: i for i in range(16)})),
         ERROR,
-        _frame(_echo({i: i for i in range(17)})),
+        raw_frame(_echo({i: i for i in range(17)})),
         "17 exceeds max_map_len(16)",
     ),
     (
         "nesting",
-        _frame(_echo([[[0]]])),
+        raw_frame(_echo([[[0]]])),
         ERROR,
-        _frame(_echo([[[[0]]]])),
+        raw_frame(_echo([[[[0]]]])),
         "header nested deeper than 4",
     ),
     (
         "ext",
-        _frame(_echo([1, b""])),
+        raw_frame(_echo([1, b""])),
         ERROR,
         # [0, 1, "test.echo", [1, <ext 5 of no data>], nil]: max_ext_len 0 let it through
         _raw_header_frame(b"\x95\x00\x01\xa9test.echo\x92\x01\xc7\x00\x05\xc0"),
@@ -186,33 +181,33 @@ HANDSHAKE_CASES = [
     ),
     (
         "string",
-        _frame(_hello("a" * 256)),
-        _frame(_hello("a" * 257)),
+        raw_frame(_hello("a" * 256)),
+        raw_frame(_hello("a" * 257)),
         "257 exceeds max_str_len(256)",
     ),
     (
         "bin",
-        _frame(_hello("d", b"n" * 256)),
-        _frame(_hello("d", b"n" * 257)),
+        raw_frame(_hello("d", b"n" * 256)),
+        raw_frame(_hello("d", b"n" * 257)),
         "257 exceeds max_bin_len(256)",
     ),
     (
         "array",
-        _frame(_hello("d", b"n" * 32, *range(5))),
-        _frame(_hello("d", b"n" * 32, *range(6))),
+        raw_frame(_hello("d", b"n" * 32, *range(5))),
+        raw_frame(_hello("d", b"n" * 32, *range(6))),
         "9 exceeds max_array_len(8)",
     ),
     (
         "map",
-        _frame({i: i for i in range(8)}),
-        _frame({i: i for i in range(9)}),
+        raw_frame({i: i for i in range(8)}),
+        raw_frame({i: i for i in range(9)}),
         "9 exceeds max_map_len(8)",
     ),
-    ("nesting", _frame([[0]]), _frame([[[0]]]), "header nested deeper than 2"),
+    ("nesting", raw_frame([[0]]), raw_frame([[[0]]]), "header nested deeper than 2"),
     (
         "payload",
-        _frame(_hello()),
-        _frame(_hello(), b"x"),
+        raw_frame(_hello()),
+        raw_frame(_hello(), b"x"),
         "frame payload of 1 bytes (limit 0)",
     ),
 ]

@@ -13,13 +13,22 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
-import msgpack
 import pytest
 import trio
 
-from tests.wire_fixtures import BULK, ECHO, KEY, SLEEP, EchoService, Value, running_server
+from tests.wire_fixtures import (
+    BULK,
+    ECHO,
+    KEY,
+    SLEEP,
+    EchoService,
+    Value,
+    authenticated_raw_socket,
+    raw_frame,
+    running_server,
+)
 from wire.address import Address
-from wire.auth import authenticate_as_dialer, authenticate_as_listener
+from wire.auth import authenticate_as_listener
 from wire.errors import ConnectionLost
 from wire.framing import HANDSHAKE_LIMITS, FrameLimits, FrameReader, FrameWriter
 from wire.rpc import REPLY, REQUEST
@@ -30,11 +39,6 @@ WAIT_S = 5.0
 
 Dying = Callable[[trio.SocketStream, int], Awaitable[None]]
 """What the fake server does after reading a request with the given call id."""
-
-
-def _frame(header: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -82,10 +86,17 @@ async def _bulk(conn: object) -> object:
     return await conn.call_with_payload(BULK, Value(0), payload=b"x" * 1000)  # type: ignore[attr-defined]
 
 
+async def test_a_server_that_closes_after_the_request_is_connection_lost() -> None:
+    async def die(stream: trio.SocketStream, _call_id: int) -> None:
+        await stream.aclose()
+
+    await _call_a_dying_server(die, _echo)
+
+
 @pytest.mark.parametrize("cut", [1, 7, 8, 10])
 async def test_a_reply_cut_off_in_its_prefix_or_header_is_connection_lost(cut: int) -> None:
     async def die(stream: trio.SocketStream, call_id: int) -> None:
-        reply = _frame([REPLY, call_id, [2, "a text long enough to be cut"]])
+        reply = raw_frame([REPLY, call_id, [2, "a text long enough to be cut"]])
         await stream.send_all(reply[:cut])
         await stream.aclose()
 
@@ -95,7 +106,7 @@ async def test_a_reply_cut_off_in_its_prefix_or_header_is_connection_lost(cut: i
 
 async def test_a_reply_cut_off_in_its_payload_is_connection_lost() -> None:
     async def die(stream: trio.SocketStream, call_id: int) -> None:
-        reply = _frame([REPLY, call_id, [1000, ""]], b"y" * 100_000)
+        reply = raw_frame([REPLY, call_id, [1000, ""]], b"y" * 100_000)
         await stream.send_all(reply[: len(reply) - 50_000])
         await stream.aclose()
 
@@ -107,20 +118,12 @@ async def test_a_reply_cut_off_in_its_payload_is_connection_lost() -> None:
 async def test_a_connection_reset_mid_call_is_connection_lost(sent: int) -> None:
     async def die(stream: trio.SocketStream, call_id: int) -> None:
         if sent:
-            await stream.send_all(_frame([REPLY, call_id, [2, "x" * 40]])[:sent])
+            await stream.send_all(raw_frame([REPLY, call_id, [2, "x" * 40]])[:sent])
             await trio.sleep(0.05)
         _reset(stream)
 
     message = await _call_a_dying_server(die, _echo)
     assert "Connection reset by peer" in message
-
-
-async def _authenticated_raw_socket(address: Address) -> trio.SocketStream:
-    stream = await trio.open_tcp_stream(address.host, address.port)
-    await authenticate_as_dialer(
-        FrameReader(stream, HANDSHAKE_LIMITS), FrameWriter(stream), KEY, "raw"
-    )
-    return stream
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -133,10 +136,10 @@ async def _until(condition: Callable[[], bool]) -> None:
 async def test_a_client_that_vanishes_mid_call_gets_its_handler_cancelled(how: str) -> None:
     service = EchoService()
     async with running_server(service) as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         await raw.send_all(
-            _frame([REQUEST, 1, "test.sleep", [60_000, ""], None])
-            + _frame([REQUEST, 2, "test.later", [5, ""], None])
+            raw_frame([REQUEST, 1, "test.sleep", [60_000, ""], None])
+            + raw_frame([REQUEST, 2, "test.later", [5, ""], None])
         )
         await _until(lambda: service.sleeping == 1 and 5 in service.later)
         if how == "reset":

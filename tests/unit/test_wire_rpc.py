@@ -28,11 +28,12 @@ from tests.wire_fixtures import (
     EchoService,
     PickyRefusal,
     Value,
+    authenticated_raw_socket,
+    raw_frame,
     running_server,
 )
 from wire import schema
 from wire.errors import ConnectionLost, RpcError
-from wire.framing import FrameLimits
 from wire.transport import open_connection
 
 
@@ -125,9 +126,9 @@ async def test_the_server_ends_a_handler_at_the_callers_deadline_without_a_cance
 
     service = EchoService()
     async with running_server(service) as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         started = trio.current_time()
-        await raw.send_all(_raw_frame([REQUEST, 1, "test.sleep", [60_000, ""], 200]))
+        await raw.send_all(raw_frame([REQUEST, 1, "test.sleep", [60_000, ""], 200]))
         with trio.fail_after(5):
             while service.sleeps_cancelled < 1:
                 await trio.sleep(0.01)
@@ -157,53 +158,6 @@ async def test_bulk_payloads_travel_both_ways_intact() -> None:
     assert payload is not None and bytes(payload) == data[::-1]
 
 
-async def test_a_peer_that_dies_mid_call_gives_the_caller_connection_lost_not_a_hang() -> None:
-    async with trio.open_nursery() as nursery:
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-
-        async def fake_server() -> None:
-            # Pass the handshake with the real listener code, then die mid-call.
-            from wire.auth import authenticate_as_listener
-            from wire.framing import HANDSHAKE_LIMITS, FrameReader, FrameWriter
-
-            sock, _ = await listener.accept()
-            stream = trio.SocketStream(sock)
-            reader = FrameReader(stream, HANDSHAKE_LIMITS)
-            await authenticate_as_listener(reader, FrameWriter(stream), KEY)
-            reader.limits = FrameLimits()
-            await reader.receive()  # the request arrives...
-            await stream.aclose()  # ...and the server dies before replying
-
-        nursery.start_soon(fake_server)
-        from wire.address import Address
-
-        async with open_connection(Address("127.0.0.1", port), KEY, name="t") as conn:
-            with trio.fail_after(5), pytest.raises(ConnectionLost):
-                await conn.call(SLEEP, Value(1))
-            with pytest.raises(ConnectionLost):
-                await conn.call(ECHO, Value(1))
-        listener.close()
-
-
-def _raw_frame(header: object, payload: bytes = b"") -> bytes:
-    packed = msgpack.packb(header, use_bin_type=True)
-    return struct.pack(">II", len(packed), len(payload)) + packed + payload
-
-
-async def _authenticated_raw_socket(address: object) -> trio.SocketStream:
-    from wire.auth import authenticate_as_dialer
-    from wire.framing import HANDSHAKE_LIMITS, FrameReader, FrameWriter
-
-    stream = await trio.open_tcp_stream(address.host, address.port)  # type: ignore[attr-defined]
-    await authenticate_as_dialer(
-        FrameReader(stream, HANDSHAKE_LIMITS), FrameWriter(stream), KEY, "raw"
-    )
-    return stream
-
-
 async def _wait_for_eof(stream: trio.SocketStream) -> None:
     with trio.fail_after(5):
         while await stream.receive_some(65536):
@@ -214,9 +168,9 @@ async def test_more_calls_in_flight_than_the_limit_closes_only_that_connection()
     from wire.rpc import CALLS_IN_FLIGHT_MAX, REQUEST
 
     async with running_server() as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         frames = b"".join(
-            _raw_frame([REQUEST, call_id, "test.sleep", [60_000, ""], None])
+            raw_frame([REQUEST, call_id, "test.sleep", [60_000, ""], None])
             for call_id in range(1, CALLS_IN_FLIGHT_MAX + 2)
         )
         async with open_connection(address, KEY, name="bystander") as bystander:
@@ -229,9 +183,9 @@ async def test_exactly_the_in_flight_limit_is_served() -> None:
     from wire.rpc import CALLS_IN_FLIGHT_MAX, REPLY, REQUEST
 
     async with running_server() as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         frames = b"".join(
-            _raw_frame([REQUEST, call_id, "test.sleep", [200, ""], None])
+            raw_frame([REQUEST, call_id, "test.sleep", [200, ""], None])
             for call_id in range(1, CALLS_IN_FLIGHT_MAX + 1)
         )
         await raw.send_all(frames)
@@ -256,7 +210,7 @@ async def test_exactly_the_in_flight_limit_is_served() -> None:
 
 async def test_a_garbage_frame_closes_that_connection_and_no_other() -> None:
     async with running_server() as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         async with open_connection(address, KEY, name="bystander") as bystander:
             await raw.send_all(struct.pack(">II", 5, 0) + b"\xc1\xc1\xc1\xc1\xc1")
             await _wait_for_eof(raw)
@@ -409,9 +363,9 @@ async def test_an_error_envelope_with_a_code_beyond_a_c_int_closes_only_that_con
     from wire.rpc import ERROR
 
     async with running_server() as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         async with open_connection(address, KEY, name="bystander") as bystander:
-            await raw.send_all(_raw_frame([ERROR, 1, code, ""]))
+            await raw.send_all(raw_frame([ERROR, 1, code, ""]))
             await _wait_for_eof(raw)
             assert await bystander.call(ECHO, Value(7)) == Value(8)
         async with open_connection(address, KEY, name="after") as after:
@@ -458,9 +412,9 @@ async def test_a_one_way_message_that_fails_its_own_check_closes_only_that_conne
 
     service = EchoService()
     async with running_server(service) as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         async with open_connection(address, KEY, name="bystander") as bystander:
-            await raw.send_all(_raw_frame([NOTIFY, "test.elect_note", [1, [[]]]]))
+            await raw.send_all(raw_frame([NOTIFY, "test.elect_note", [1, [[]]]]))
             await _wait_for_eof(raw)
             assert await bystander.call(ECHO, Value(7)) == Value(8)
             await bystander.notify(ELECT_NOTE, _ballot(1))
@@ -572,10 +526,10 @@ async def test_a_bug_in_the_receive_path_closes_only_that_connection_with_a_trac
 
     monkeypatch.setattr(RpcConnection, "_dispatch", buggy_dispatch)
     async with running_server() as address:
-        raw = await _authenticated_raw_socket(address)
+        raw = await authenticated_raw_socket(address)
         local = raw.socket.getsockname()
         async with open_connection(address, KEY, name="bystander") as bystander:
-            await raw.send_all(_raw_frame(["boom"]))
+            await raw.send_all(raw_frame(["boom"]))
             await _wait_for_eof(raw)
             assert await bystander.call(ECHO, Value(7)) == Value(8)
         async with open_connection(address, KEY, name="after") as after:
