@@ -682,16 +682,22 @@ class RpcConnection:
     ) -> None:
         try:
             with scope:
-                try:
-                    await self._send(envelope, None, wait=True)
-                except ConnectionLost:
-                    raise
-                except Exception:
-                    await self._send(_unsendable(envelope), None, wait=True)
+                await self._send_reply(envelope, None, wait=True)
         except ConnectionLost:
             pass
         finally:
             self._incoming.pop(call_id, None)
+
+    async def _send_reply(
+        self, envelope: list[Any], payload: OutgoingPayload | None, *, wait: bool = False
+    ) -> None:
+        """Send a reply envelope; one msgpack cannot pack goes out as EIO instead."""
+        try:
+            await self._send(envelope, payload, wait=wait)
+        except ConnectionLost:
+            raise
+        except Exception:
+            await self._send(_unsendable(envelope), None, wait=wait)
 
     async def _serve_request(
         self, scope: trio.CancelScope, call_id: int, name: str, body: Any, payload: Payload | None
@@ -702,12 +708,7 @@ class RpcConnection:
             with scope:
                 envelope, reply_payload = await self._run_handler(name, body, payload)
             envelope.insert(1, call_id)
-            try:
-                await self._send(envelope, reply_payload)
-            except ConnectionLost:
-                raise
-            except Exception:
-                await self._send(_unsendable(envelope), None)
+            await self._send_reply(envelope, reply_payload)
         except ConnectionLost:
             pass
         finally:
