@@ -5,8 +5,9 @@ process (as it would in a cluster), the client here; both on 127.0.0.1.
 Prints the p50 latency of one small call at a time, small calls/s with 64
 concurrent calls on one connection (with the CPU time each side spends per
 call: what bounds a busy server) for both kinds of handler (a task per call,
-and an immediate handler, which the metaserver's namespace calls use), one-way messages/s, and MiB/s of 4 MiB
-payloads sent to the server (upload) and fetched from it (download), beside a
+and an immediate handler, which the metaserver's namespace calls use), one-way
+messages/s, and MiB/s of 4 MiB payloads sent to the server (upload) and fetched
+from it (download), beside a
 baseline: raw ``send_all``/``receive_some`` of the same bytes over a plain trio
 TCP stream, measured in the same run.
 """

@@ -30,6 +30,11 @@ class NoSpace(ChunkStoreError):
     """The disk, or the configured capacity cap, has no room for the write."""
 
 
+class ReplicaBusy(ChunkStoreError):
+    """The replica has changes not yet synced, so its file's own index does not show them:
+    it is not handed to a local reader (see :meth:`ChunkStore.open_for_local_read`)."""
+
+
 class ChunkNotFound(ChunkStoreError):
     """No replica of this chunk is stored here."""
 

@@ -1,7 +1,7 @@
 """One open replica file: block I/O, checksums, per-block zstd, crash-safe index updates.
 
 A :class:`ChunkFile` is not thread-safe; :class:`dataserver.chunk_store.ChunkStore` holds the
-chunk's lock around every call. Layout and encodings are in :mod:`dataserver.block_format`.
+chunk's lock around every call. Layout and encodings are in :mod:`wire.replica_format`.
 
 Why a crash never loses synced data and never yields torn data as good data:
 
@@ -52,7 +52,12 @@ from typing import TypeGuard
 import crc32c
 import zstandard
 
-from dataserver.block_format import (
+from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
+from dataserver.write_behind import WriteBehind
+from wire.framing import PAYLOAD_BUFFERS, FileRange
+from wire.ids import ChunkId, ChunkVersion
+from wire.invariant import InvariantViolation, invariant
+from wire.replica_format import (
     BLOCK_SIZE_BYTES,
     ENTRY_SIZE_BYTES,
     HEADER_BYTES,
@@ -70,11 +75,6 @@ from dataserver.block_format import (
     encode_header,
     layout_for_capacity,
 )
-from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
-from dataserver.write_behind import WriteBehind
-from wire.framing import PAYLOAD_BUFFERS, FileRange
-from wire.ids import ChunkId, ChunkVersion
-from wire.invariant import InvariantViolation, invariant
 
 _log = logging.getLogger(__name__)
 
@@ -257,8 +257,8 @@ class ChunkFile:
     ) -> ChunkFile:
         """Open an existing replica file and load its index.
 
-        Raises :class:`block_format.FormatMismatch` if the file is not ours and
-        :class:`block_format.HeaderCorrupt` if its header is damaged or names another chunk.
+        Raises :class:`replica_format.FormatMismatch` if the file is not ours and
+        :class:`replica_format.HeaderCorrupt` if its header is damaged or names another chunk.
         """
         fd = os.open(name, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
         try:

@@ -3,7 +3,7 @@
 Contract, in short:
 
 * A replica is ``chunk_<id:016x>_<version:016x>`` in the data directory; its format is in
-  :mod:`dataserver.block_format` and its crash-safety argument in :mod:`dataserver.chunk_file`.
+  :mod:`wire.replica_format` and its crash-safety argument in :mod:`dataserver.chunk_file`.
   The version lives only in the name, so "make version V+k from V" is one ``rename`` (plus a
   directory fsync), after which the old version is gone.
 * Every data call names ``(chunk id, version)``; another stored version raises
@@ -41,14 +41,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
 
-from dataserver.block_format import (
-    BLOCK_SIZE_BYTES,
-    FORMAT_VERSION,
-    FormatMismatch,
-    HeaderCorrupt,
-    RawBlock,
-    layout_for_capacity,
-)
 from dataserver.chunk_errors import (
     ChecksumError,
     ChunkExists,
@@ -57,6 +49,7 @@ from dataserver.chunk_errors import (
     CorruptReplica,
     InvalidRequest,
     NoSpace,
+    ReplicaBusy,
     StaleVersion,
     StoreFormatError,
     StoreInUse,
@@ -71,6 +64,14 @@ from dataserver.chunk_file import (
 from wire.framing import FileRange
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
+from wire.replica_format import (
+    BLOCK_SIZE_BYTES,
+    FORMAT_VERSION,
+    FormatMismatch,
+    HeaderCorrupt,
+    RawBlock,
+    layout_for_capacity,
+)
 
 __all__ = [
     "BLOCK_SIZE_BYTES",
@@ -88,6 +89,7 @@ __all__ = [
     "InvalidRequest",
     "NoSpace",
     "RawBlock",
+    "ReplicaBusy",
     "ReplicaInfo",
     "StaleVersion",
     "StagedReplica",
@@ -667,6 +669,19 @@ class ChunkStore:
         replica's length at the time of the read."""
         with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
             return chunk_file.read_to_send(offset, size), chunk_file.length_bytes
+
+    def open_for_local_read(self, chunk_id: ChunkId, version: ChunkVersion) -> tuple[int, str]:
+        """A new read-only descriptor of the replica's file and the file's name, for a
+        reader on this host that reads the file itself (see :mod:`wire.local_reads`).
+
+        Only a replica whose changes are all synced is handed out (:class:`ReplicaBusy`
+        otherwise): such a reader goes by the index in the file, which a sync brings up
+        to date."""
+        with self._opened(chunk_id, version, shared=True) as (_, chunk_file):
+            if chunk_file.has_unsynced_changes:
+                raise ReplicaBusy(f"chunk {chunk_id:#x} v{version} has unsynced changes")
+            name = replica_file_name(chunk_id, version)
+            return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd), name
 
     def truncate(self, chunk_id: ChunkId, version: ChunkVersion, length_bytes: int) -> int:
         """Set the replica's length (shrink drops data, growth reads as zeros); needs sync.

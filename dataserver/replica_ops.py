@@ -309,6 +309,12 @@ class ReplicaOps:
             self._note_corrupt(chunk_id, version, "read", error.reason)
             raise
 
+    def open_for_local_read(self, chunk_id: ChunkId, version: ChunkVersion) -> tuple[int, str]:
+        """(read-only descriptor, file name) for a reader on this host; never of a replica
+        known to be corrupt (see :meth:`ChunkStore.open_for_local_read`)."""
+        self.check_readable(chunk_id, version)
+        return self.store.open_for_local_read(chunk_id, version)
+
     def info(self, chunk_id: ChunkId, version: ChunkVersion) -> ReplicaInfo:
         info = self.store.stat(chunk_id)
         if info.version != version:

@@ -42,6 +42,7 @@ from dataserver.chunk_store import (
     InvalidRequest,
     NoSpace,
     RawBlock,
+    ReplicaBusy,
     StagedReplica,
     StaleVersion,
     StoreFormatError,
@@ -95,6 +96,7 @@ from wire.dataserver_ops import (
 from wire.errors import STALE_VERSION, TOKEN_REFUSED, RpcError
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import invariant
+from wire.local_reads import OpenReplicaReply, OpenReplicaRequest, serve_local_reads
 from wire.rpc import CallContext, Handlers, WithPayload
 from wire.tokens import AccessMode, ChunkToken, TokenRefused, check_token
 from wire.transport import bound_port, raise_single, serve
@@ -182,12 +184,24 @@ class Dataserver:
                 self.address,
                 self.incarnation,
             )
+            if self.config.dataserver.local_reads:
+                await self._serve_local_reads(nursery)
             self.link = MetaserverLink(self, metaservers)
             nursery.start_soon(self.link.run)
             nursery.start_soon(
                 scrub_forever, self.ops, self.config.dataserver.scrub_rate_mib_s, self.wake_link
             )
             task_status.started(self.address)
+
+    async def _serve_local_reads(self, nursery: trio.Nursery) -> None:
+        """Let clients on this host read replicas from their files (see
+        :mod:`wire.local_reads`); a name already taken costs a warning, not the server."""
+        try:
+            await nursery.start(
+                partial(serve_local_reads, self.handle_open_replica, self.key, self.address)
+            )
+        except OSError as error:
+            log.warning("local reads are off: cannot listen for %s: %s", self.address, error)
 
     def wake_link(self) -> None:
         if self.link is not None:
@@ -354,6 +368,8 @@ class Dataserver:
             return RpcError(errno.EEXIST, str(error))
         if isinstance(error, CorruptReplica):
             return RpcError(CHECKSUM_MISMATCH, str(error))
+        if isinstance(error, ReplicaBusy):
+            return RpcError(errno.EBUSY, str(error))
         if isinstance(error, NoSpace):
             return RpcError(errno.ENOSPC, f"{self.address}: {error}")
         if isinstance(error, InvalidRequest):
@@ -395,6 +411,16 @@ class Dataserver:
         data, length = result
         load = self.active_reads + self.active_writes
         return WithPayload(ReadReply(length, load), data)
+
+    async def handle_open_replica(
+        self, request: OpenReplicaRequest
+    ) -> tuple[OpenReplicaReply, int]:
+        """A read-only descriptor of the replica's file for a reader on this host."""
+        self._check_token(request.token, request.chunk_id, request.version, AccessMode.READ)
+        fd, name = await self._in_thread(
+            lambda: self.ops.open_for_local_read(request.chunk_id, request.version)
+        )
+        return OpenReplicaReply(name), fd
 
     async def handle_chunk_info(
         self, request: ChunkInfoRequest, _context: CallContext

@@ -35,6 +35,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from fuse_client.local_replicas import LocalReplicas
 from wire import schema
 from wire.dataserver_ops import (
     BULK_LANES,
@@ -60,7 +61,7 @@ from wire.errors import TOKEN_REFUSED, RpcError
 from wire.framing import Payload
 from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import invariant
-from wire.tokens import ChunkToken
+from wire.tokens import AccessMode, ChunkToken
 from wire.transport import raise_single
 
 log = logging.getLogger(__name__)
@@ -189,24 +190,37 @@ class DataserverPool:
     their background tasks (pieces in flight, read-ahead) in the pool's nursery.
     """
 
-    def __init__(self, key: bytes, nursery: trio.Nursery, *, name: str = "client") -> None:
+    def __init__(
+        self,
+        key: bytes,
+        nursery: trio.Nursery,
+        *,
+        name: str = "client",
+        local_reads: bool = True,
+    ) -> None:
         self.key = key
         self.nursery = nursery
         self._peers = PeerConnections(key, nursery, name=name, lanes=BULK_LANES)
         self._stats: dict[str, _PeerStats] = {}
         self._rotation = itertools.count()
+        self.local = LocalReplicas(key, name=name) if local_reads else None
+        """Replicas on this host, read from their files; None when local reads are off."""
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, key: bytes, *, name: str = "client") -> AsyncIterator[DataserverPool]:
+    async def open(
+        cls, key: bytes, *, name: str = "client", local_reads: bool = True
+    ) -> AsyncIterator[DataserverPool]:
         try:
             async with trio.open_nursery() as nursery:
-                pool = cls(key, nursery, name=name)
+                pool = cls(key, nursery, name=name, local_reads=local_reads)
                 try:
                     yield pool
                 finally:
                     nursery.cancel_scope.cancel()
                     await pool._peers.aclose()
+                    if pool.local is not None:
+                        pool.local.close()
         except BaseExceptionGroup as group:
             raise_single(group)
 
@@ -521,7 +535,7 @@ class _Prefetch:
     start: int
     length: int
     done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | bytearray | None = None
+    data: Payload | None = None
 
     @property
     def end(self) -> int:
@@ -630,7 +644,7 @@ class ChunkReader:
     async def _fetch(self, offset: int, length: int) -> list[memoryview]:
         """Read ``[offset, offset + length)`` in pieces, several at once; stop at the end."""
         starts = list(range(offset, offset + length, READ_PIECE_BYTES))
-        results: dict[int, bytes | bytearray] = {}
+        results: dict[int, Payload] = {}
         slots = trio.Semaphore(READS_IN_FLIGHT_MAX)
         errors: list[ChunkIoError] = []
 
@@ -659,8 +673,11 @@ class ChunkReader:
                 break
         return parts
 
-    async def _read_piece(self, offset: int, length: int) -> bytes | bytearray:
+    async def _read_piece(self, offset: int, length: int) -> Payload:
         placement = self.placement
+        local = await self._read_local(offset, length)
+        if local is not None:
+            return local
         request = ReadRequest(
             placement.chunk_id, placement.version, offset, length, placement.token
         )
@@ -684,6 +701,25 @@ class ChunkReader:
             self.bytes_from[address] = self.bytes_from.get(address, 0) + len(data)
             return data
         raise ReplicasUnavailable(placement.chunk_id, errors)
+
+    async def _read_local(self, offset: int, length: int) -> Payload | None:
+        """The piece from the file of a replica on this host, if there is one and it reads
+        well; a writer's placement (a write token) is never read locally, as the replica
+        it is writing has changes its file's index does not show yet."""
+        placement = self.placement
+        local = self._pool.local
+        if local is None or placement.token.mode != AccessMode.READ:
+            return None
+        for address in placement.replicas:
+            if address in self._bad:
+                continue
+            data = await local.read(
+                address, placement.chunk_id, placement.version, placement.token, offset, length
+            )
+            if data is not None:
+                self.bytes_from[address] = self.bytes_from.get(address, 0) + len(data)
+                return data
+        return None
 
     def _stick(self, order: list[str]) -> list[str]:
         """Keep one replica for this reader while it is not much busier than the best:

@@ -1004,7 +1004,7 @@ async def open_file_client(
                 call_timeout_s=config.client.call_timeout_s,
                 no_quorum_timeout_s=config.client.no_quorum_timeout_s,
             ) as meta,
-            DataserverPool.open(key, name=name) as pool,
+            DataserverPool.open(key, name=name, local_reads=config.client.local_reads) as pool,
         ):
             counters: StatFsReply = await meta.query(StatFs(), ROOT_CREDENTIALS)
             client = FileClient(

@@ -106,6 +106,10 @@ class DataserverSettings:
     )
     heartbeat_interval_s: float = field(default=1.0, metadata={"help": "heartbeat period"})
     scrub_rate_mib_s: float = field(default=8.0, metadata={"help": "background scrub rate"})
+    local_reads: bool = field(
+        default=True,
+        metadata={"help": "let clients on this host read replicas from their files"},
+    )
 
 
 @dataclass
@@ -113,6 +117,13 @@ class ClientSettings:
     call_timeout_s: float = field(default=5.0, metadata={"help": "one attempt of a call"})
     no_quorum_timeout_s: float = field(
         default=60.0, metadata={"help": "give up (EIO) after no leader for this long"}
+    )
+    local_reads: bool = field(
+        default=True,
+        metadata={
+            "help": "read replicas on this host from their files, not through their"
+            " dataserver (HDFS's short-circuit reads)"
+        },
     )
 
 

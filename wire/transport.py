@@ -66,21 +66,55 @@ async def _dial(
     except OSError as error:
         code = error.errno or errno.ECONNREFUSED
         raise RpcError(code, f"cannot connect to {address}: {error.strerror or error}") from None
+    reader, writer = await handshake_as_dialer(stream, key, name, str(address))
+    reader.limits = limits
+    return RpcConnection(stream, reader, writer, handlers, peer_name=str(address))
+
+
+async def handshake_as_dialer(
+    stream: trio.SocketStream, key: bytes, name: str, where: str
+) -> tuple[FrameReader, FrameWriter]:
+    """Authenticate a freshly dialled ``stream`` to ``where`` both ways; return its frame
+    reader (still under the handshake's limits) and writer.
+
+    Raises :class:`RpcError` (EACCES for a key mismatch, ETIMEDOUT, ECONNRESET) with one
+    clear message, after closing the stream."""
     reader = FrameReader(stream, HANDSHAKE_LIMITS)
     writer = FrameWriter(stream)
     try:
         await authenticate_as_dialer(reader, writer, key, name)
     except (AuthenticationFailed, ProtocolError) as error:
         await trio.aclose_forcefully(stream)
-        raise RpcError(errno.EACCES, f"authentication with {address} failed: {error}") from None
+        raise RpcError(errno.EACCES, f"authentication with {where} failed: {error}") from None
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
-        raise RpcError(errno.ETIMEDOUT, f"handshake with {address} timed out") from None
+        raise RpcError(errno.ETIMEDOUT, f"handshake with {where} timed out") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
         await trio.aclose_forcefully(stream)
-        raise RpcError(errno.ECONNRESET, f"handshake with {address} broke: {error}") from None
-    reader.limits = limits
-    return RpcConnection(stream, reader, writer, handlers, peer_name=str(address))
+        raise RpcError(errno.ECONNRESET, f"handshake with {where} broke: {error}") from None
+    return reader, writer
+
+
+async def handshake_as_listener(
+    stream: trio.SocketStream, key: bytes, peer: str
+) -> tuple[FrameReader, FrameWriter, str] | None:
+    """Authenticate an accepted ``stream`` (from ``peer``, for the log) both ways; return
+    its frame reader (still under the handshake's limits), writer and the dialer's name,
+    or None after logging why and closing the stream."""
+    reader = FrameReader(stream, HANDSHAKE_LIMITS)
+    writer = FrameWriter(stream)
+    try:
+        peer_name = await authenticate_as_listener(reader, writer, key)
+    except (AuthenticationFailed, ProtocolError) as error:
+        log.warning("refused connection from %s: %s", peer, error)
+    except trio.TooSlowError:
+        log.warning("refused connection from %s: handshake timed out", peer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+        log.info("connection from %s broke during the handshake: %s", peer, error)
+    else:
+        return reader, writer, peer_name
+    await trio.aclose_forcefully(stream)
+    return None
 
 
 @asynccontextmanager
@@ -147,22 +181,10 @@ async def serve(
             await trio.aclose_forcefully(stream)
 
     async def serve_one(stream: trio.SocketStream, peer: str) -> None:
-        reader = FrameReader(stream, HANDSHAKE_LIMITS)
-        writer = FrameWriter(stream)
-        try:
-            peer_name = await authenticate_as_listener(reader, writer, key)
-        except (AuthenticationFailed, ProtocolError) as error:
-            log.warning("refused connection from %s: %s", peer, error)
-            await trio.aclose_forcefully(stream)
+        authenticated = await handshake_as_listener(stream, key, peer)
+        if authenticated is None:
             return
-        except trio.TooSlowError:
-            log.warning("refused connection from %s: handshake timed out", peer)
-            await trio.aclose_forcefully(stream)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            log.info("connection from %s broke during the handshake: %s", peer, error)
-            await trio.aclose_forcefully(stream)
-            return
+        reader, writer, peer_name = authenticated
         reader.limits = limits
         connection = RpcConnection(
             stream, reader, writer, handlers, peer_name=f"{peer_name}@{peer}"

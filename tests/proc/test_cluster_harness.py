@@ -75,7 +75,7 @@ DEAD_AFTER_S = 2.5
 HEARTBEAT_S = 0.2
 REGISTER_TIMEOUT_S = 30.0
 BLOCK_DATA_OFFSET = 64 * 1024
-"""Where block 0's data starts in a replica file (see dataserver.block_format)."""
+"""Where block 0's data starts in a replica file (see wire.replica_format)."""
 _REPLICA_NAME = re.compile(r"^chunk_([0-9a-f]{16})_([0-9a-f]{16})$")
 
 

@@ -262,7 +262,7 @@ async def test_a_flipped_bit_in_one_replica_is_never_returned_and_is_reported(
         replica_path = (
             bad.data_dir / "chunks" / f"chunk_{placement.chunk_id:016x}_{placement.version:016x}"
         )
-        data_offset = 64 * 1024  # block 0, slot 0 (see dataserver.block_format)
+        data_offset = 64 * 1024  # block 0, slot 0 (see wire.replica_format)
         with open(replica_path, "r+b") as handle:
             handle.seek(data_offset + 1234)
             byte = handle.read(1)[0]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from dataserver.block_format import RawBlock, layout_for_capacity
 from dataserver.chunk_store import (
     BLOCK_SIZE_BYTES,
     FORMAT_FILE_NAME,
@@ -34,6 +33,7 @@ from dataserver.chunk_store import (
 )
 from wire.framing import FileRange
 from wire.ids import ChunkId, ChunkVersion
+from wire.replica_format import RawBlock, layout_for_capacity
 
 B = BLOCK_SIZE_BYTES
 CHUNK = 1024 * 1024

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from dataserver.block_format import layout_for_capacity
 from dataserver.chunk_store import (
     BLOCK_SIZE_BYTES,
     FORMAT_FILE_NAME,
@@ -26,6 +25,7 @@ from dataserver.chunk_store import (
     replica_file_name,
 )
 from wire.ids import ChunkId, ChunkVersion
+from wire.replica_format import layout_for_capacity
 
 B = BLOCK_SIZE_BYTES
 CHUNK = 16 * B

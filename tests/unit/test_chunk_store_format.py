@@ -7,7 +7,8 @@ import struct
 import crc32c
 import pytest
 
-from dataserver.block_format import (
+from wire.ids import ChunkId
+from wire.replica_format import (
     BLOCK_SIZE_BYTES,
     ENTRY_SIZE_BYTES,
     HEADER_BYTES,
@@ -22,7 +23,6 @@ from dataserver.block_format import (
     encode_header,
     layout_for_capacity,
 )
-from wire.ids import ChunkId
 
 HEADER = Header(
     chunk_id=ChunkId(0x1234_5678_9ABC), block_count=16, compressed=True, length_bytes=99

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from dataserver.block_format import layout_for_capacity
 from dataserver.chunk_store import (
     BLOCK_SIZE_BYTES,
     ChunkNotFound,
@@ -21,6 +20,7 @@ from dataserver.data_dir import DataDirError, open_data_dir
 from dataserver.replica_ops import ReplicaChanges, ReplicaOps, VersionRefused
 from wire.cluster_ops import ReplicaKey, ReplicaReport
 from wire.ids import ChunkId, ChunkVersion
+from wire.replica_format import layout_for_capacity
 
 
 @dataclass(frozen=True)

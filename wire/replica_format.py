@@ -1,7 +1,9 @@
 """On-disk format of one chunk replica file (format version 1): pure encoding, no I/O.
 
 Rules of this module: it knows byte layouts and nothing else. It reads no clock, opens no
-file, and keeps no state; :mod:`dataserver.chunk_file` does the I/O.
+file, and keeps no state; :mod:`dataserver.chunk_file` does the I/O. It lives in ``wire``
+because the file is read by two parties: the dataserver, and a client on the same host
+that the dataserver lets read a replica itself (:mod:`wire.local_reads`).
 
 A replica file is laid out as::
 
