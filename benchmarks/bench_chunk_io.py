@@ -4,12 +4,15 @@ Run ``python -m benchmarks.bench_chunk_io [--size-mib N]``.  Starts 3 dataserver
 processes on loopback (and the test harness's stand-in metaserver), writes a file of
 ``--size-mib`` (default 1024) with replication 1 and then 3 (or ``--replication N``) through
 :class:`fuse_client.chunk_io.PlacedFile` (close = sync on every replica), drops the
-replica files from the page cache, and reads the file back sequentially.  Beside it, the
-local disk's own sequential write (ending in fsync) and cold read of the same size in the
-same directory, measured in the same run; the figures are quoted as ratios to those.  On a
-shared machine one cold read of the disk can swing by a factor of two between minutes, so
-the plain file is read cold again right before and right after each cluster read, and that
-read is quoted against the mean of its two neighbours.
+replica files from the page cache, and reads the file back sequentially with read tokens,
+as a client that located the file does, in turns: from the replicas' files (local reads,
+:mod:`fuse_client.local_replicas`, the default for replicas on the client's host), then
+through the dataservers (local reads off, the path of a client on another host).
+Beside it, the local disk's own sequential write (ending in fsync) and cold read of the
+same size in the same directory, measured in the same run; the figures are quoted as
+ratios to those.  On a shared machine one cold read of the disk can swing by a factor of
+two between minutes, so the plain file is read cold again right before and right after
+each cluster read, and that read is quoted against the mean of its two neighbours.
 
 Since the machine is shared and wall-clock figures swing, each phase also reports CPU time
 per MiB: of the client process (``time.process_time``) and of every dataserver process
@@ -23,16 +26,17 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import crc32c
 import trio
 
-from fuse_client.chunk_io import READ_PIECE_BYTES, ChunkPlacement, PlacedFile
+from fuse_client.chunk_io import READ_PIECE_BYTES, ChunkPlacement, DataserverPool, PlacedFile
 from tests.proc.dataserver_harness import KEY, Cluster, FakeMetaserver
 from wire.address import Address
+from wire.tokens import AccessMode
 from wire.transport import bound_port, serve
 
 MIB = 1024 * 1024
@@ -43,12 +47,12 @@ READ_BYTES = READ_PIECE_BYTES
 which the library hands out as a view of what it received (a read across pieces is
 joined into a copy)."""
 READAHEAD_BYTES = 32 * MIB
-READ_ROUNDS = 2
-"""Cold reads of the file per replication.  On these virtual machines the first read
-after the write also pays for page-cache pages in guest memory the host has taken back
-(first touch costs about 1.6 ms of CPU per MiB, 8x the copy), which the plain file,
-re-read right after its own pages were dropped, does not; later rounds compare like with
-like, as on a server whose memory is all in use."""
+READ_ROUNDS = 3
+"""Cold reads of the file per replication and read path.  On these virtual machines,
+page-cache memory freed a while ago costs about 8x the copy to touch again (the host has
+taken it back), memory freed a moment ago does not.  So each read, of the plain file as of
+the cluster, starts right after the page cache of both was dropped, and the first reads
+after the write, which find less such memory, are not the ones to quote."""
 
 
 def process_cpu_s(pid: int) -> float:
@@ -145,9 +149,14 @@ def disk_cold_read_mib_s(path: Path) -> float:
 
 
 async def through_cluster(
-    cluster: Cluster, replication: int, data: bytes, baseline: Path
+    cluster: Cluster,
+    remote_pool: DataserverPool,
+    replication: int,
+    data: bytes,
+    baseline: Path,
 ) -> tuple[Phase, list[ReadPhase]]:
-    """(write to durable on every replica, cold sequential reads beside the disk's)."""
+    """(write to durable on every replica, cold sequential reads beside the disk's: in
+    ``READ_ROUNDS`` rounds, a local read and then one through ``remote_pool``)."""
     cluster.meta.replication = replication
     file = PlacedFile(cluster.pool, CHUNK_BYTES, cluster.meta, readahead_bytes=READAHEAD_BYTES)
     view = memoryview(data)
@@ -157,31 +166,52 @@ async def through_cluster(
     placements = await file.sync()
     write = meter.phase(len(data))
     assert all(len(p.replicas) == replication for p in placements.values())
-    reads = [await cold_read(cluster, placements, data, baseline) for _ in range(READ_ROUNDS)]
+    located = {
+        index: replace(p, token=cluster.meta.token(p.chunk_id, p.version, AccessMode.READ))
+        for index, p in placements.items()
+    }
+    reads = []
+    for _ in range(READ_ROUNDS):
+        for pool in (cluster.pool, remote_pool):
+            reads.append(await cold_read(cluster, pool, located, data, baseline))
     return write, reads
 
 
-async def cold_read(
-    cluster: Cluster, placements: dict[int, ChunkPlacement], data: bytes, baseline: Path
-) -> ReadPhase:
-    """Read the file back sequentially with every replica dropped from the page cache."""
+def drop_all(cluster: Cluster, baseline: Path) -> None:
+    """Evict the replicas and the plain file, so the next read, whichever it is, starts
+    from the disk with the same memory just freed (see ``READ_ROUNDS``)."""
     for server in cluster.dataservers:
         for path in (server.data_dir / "chunks").glob("chunk_*"):
             drop_cache(path)
+    drop_cache(baseline)
+
+
+async def cold_read(
+    cluster: Cluster,
+    pool: DataserverPool,
+    placements: dict[int, ChunkPlacement],
+    data: bytes,
+    baseline: Path,
+) -> ReadPhase:
+    """Read the file back sequentially from the disk, between two cold reads of the plain
+    file; each of the three reads starts right after everything was dropped."""
     reader = PlacedFile(
-        cluster.pool,
+        pool,
         CHUNK_BYTES,
         cluster.meta,
         placements,
         length_bytes=len(data),
         readahead_bytes=READAHEAD_BYTES,
     )
+    drop_all(cluster, baseline)
     disk_before = disk_cold_read_mib_s(baseline)
+    drop_all(cluster, baseline)
     checksum = 0
     meter = CpuMeter(cluster)
     for start in range(0, len(data), READ_BYTES):
         checksum = crc32c.crc32c(await reader.read(start, READ_BYTES), checksum)
     read = meter.phase(len(data))
+    drop_all(cluster, baseline)
     disk_after = disk_cold_read_mib_s(baseline)
     if checksum != crc32c.crc32c(data):
         raise SystemExit("read back different data")
@@ -193,13 +223,14 @@ async def run_cluster_benchmark(
 ) -> dict[int, tuple[Phase, list[ReadPhase]]]:
     meta = FakeMetaserver()
     results: dict[int, tuple[Phase, list[ReadPhase]]] = {}
-    from fuse_client.chunk_io import DataserverPool
-
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(serve, meta.handlers(), KEY, Address("127.0.0.1", 0))
         )
-        async with DataserverPool.open(KEY, name="bench") as pool:
+        async with (
+            DataserverPool.open(KEY, name="bench") as pool,
+            DataserverPool.open(KEY, name="bench-remote", local_reads=False) as remote_pool,
+        ):
             cluster = Cluster(directory, meta, bound_port(listeners), pool)
             try:
                 for position in range(3):
@@ -208,7 +239,7 @@ async def run_cluster_benchmark(
                     await cluster.started(server)
                 for replication in replications:
                     results[replication] = await through_cluster(
-                        cluster, replication, data, baseline
+                        cluster, remote_pool, replication, data, baseline
                     )
             finally:
                 cluster.stop_all()
@@ -248,25 +279,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     for replication, (write, reads) in results.items():
         print(
-            f"replication {replication}           write+sync  {write.mib_s:8,.0f} MiB/s"
+            f"replication {replication} write+sync     {write.mib_s:8,.0f} MiB/s"
             f" ({write.mib_s / disk_write:4.2f} x disk)"
         )
         for round_number, read in enumerate(reads, 1):
             before, after = read.disk_mib_s
             print(
-                f"replication {replication} read {round_number}    {read.phase.mib_s:8,.0f} MiB/s"
+                f"replication {replication} {_read_name(round_number)}"
+                f" {read.phase.mib_s:8,.0f} MiB/s"
                 f" ({read.disk_ratio:4.2f} x disk; disk before/after {before:,.0f}/{after:,.0f})"
             )
     print("CPU ms per MiB          client   dataservers (each)")
     for replication, (write, reads) in results.items():
-        phases = [("write", write)] + [(f"read {n}", read.phase) for n, read in enumerate(reads, 1)]
+        phases = [("write", write)] + [
+            (_read_name(n), read.phase) for n, read in enumerate(reads, 1)
+        ]
         for name, phase in phases:
             servers = " ".join(f"{spent:5.2f}" for spent in phase.server_cpu_ms_per_mib)
             print(
-                f"replication {replication} {name:<6}    {phase.client_cpu_ms_per_mib:5.2f}"
+                f"replication {replication} {name:<14} {phase.client_cpu_ms_per_mib:5.2f}"
                 f"   {sum(phase.server_cpu_ms_per_mib):5.2f} ({servers})"
             )
     return 0
+
+
+def _read_name(number: int) -> str:
+    """``local read 1``, ``remote read 1``, ``local read 2``...: the reads in order."""
+    path = "local" if number % 2 else "remote"
+    return f"{path} read {(number + 1) // 2}"
 
 
 if __name__ == "__main__":
