@@ -213,12 +213,18 @@ async def _serve_connection(
         try:
             reply, fd = await open_replica(request)
         except RpcError as error:
-            await _send_message(sock, [FAILED, error.code, error.message], None)
-            continue
+            message: list[object] = [FAILED, error.code, error.message]
+            fd = None
+        else:
+            message = [OK, schema.encode(reply)]
         try:
-            await _send_message(sock, [OK, schema.encode(reply)], fd)
+            await _send_message(sock, message, fd)
+        except OSError as error:  # the client went away
+            log.info("local reads: %r hung up: %s", peer_name, error)
+            return
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
 
 # ---------------------------------------------------------------- the client's side
