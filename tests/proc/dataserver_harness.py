@@ -232,6 +232,7 @@ def write_config(
     chunk_size_bytes: int = CHUNK_SIZE_BYTES,
     heartbeat_interval_s: float = 0.1,
     scrub_rate_mib_s: float = 0.0,
+    local_reads: bool = True,
 ) -> None:
     path.write_text(
         "[cluster]\n"
@@ -246,6 +247,7 @@ def write_config(
         f"capacity_bytes = {capacity_bytes}\n"
         f"heartbeat_interval_s = {heartbeat_interval_s}\n"
         f"scrub_rate_mib_s = {scrub_rate_mib_s}\n"
+        f"local_reads = {'true' if local_reads else 'false'}\n"
     )
 
 
@@ -275,6 +277,7 @@ class Cluster:
         scrub_rate_mib_s: float = 0.0,
         chunk_size_bytes: int = CHUNK_SIZE_BYTES,
         metaserver_ports: list[int] | None = None,
+        local_reads: bool = True,
     ) -> DataserverProcess:
         data_dir = self.tmp_path / name
         config_path = self.tmp_path / f"{name}.toml"
@@ -286,6 +289,7 @@ class Cluster:
             capacity_bytes=capacity_bytes,
             scrub_rate_mib_s=scrub_rate_mib_s,
             chunk_size_bytes=chunk_size_bytes,
+            local_reads=local_reads,
         )
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
