@@ -477,11 +477,6 @@ async def test_garbage_on_the_local_socket_closes_that_connection_only(
         assert await cluster.replica_bytes(server.address, placement) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="feature bug: the reply's sendmsg to a client that hung up raises BrokenPipeError,"
-    " which _serve_connection lets through to handle(), logged as an ERROR with a traceback",
-)
 async def test_a_client_hanging_up_before_its_reply_costs_no_error_in_the_log(
     tmp_path: Path,
 ) -> None:
