@@ -35,7 +35,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from fuse_client.local_replicas import LocalReplicas
+from fuse_client.local_replicas import LocalReadFailed, LocalReplicas
 from wire import schema
 from wire.dataserver_ops import (
     BULK_LANES,
@@ -218,9 +218,9 @@ class DataserverPool:
                     yield pool
                 finally:
                     nursery.cancel_scope.cancel()
-                    await pool._peers.aclose()
                     if pool.local is not None:
                         pool.local.close()
+                    await pool._peers.aclose()
         except BaseExceptionGroup as group:
             raise_single(group)
 
@@ -675,7 +675,7 @@ class ChunkReader:
 
     async def _read_piece(self, offset: int, length: int) -> Payload:
         placement = self.placement
-        local = await self._read_local(offset, length)
+        local, suspect = await self._read_local(offset, length)
         if local is not None:
             return local
         request = ReadRequest(
@@ -684,6 +684,10 @@ class ChunkReader:
         errors: dict[str, RpcError] = {}
         order = self._pool.read_order([a for a in placement.replicas if a not in self._bad])
         order = self._stick(order)
+        if suspect in order:
+            # Its dataserver verifies what failed here: a corrupt replica is then reported
+            # and marked bad, a race with a writer reads well.
+            order = [suspect] + [address for address in order if address != suspect]
         order += [a for a in placement.replicas if a in self._bad]
         for address in order:
             try:
@@ -702,24 +706,28 @@ class ChunkReader:
             return data
         raise ReplicasUnavailable(placement.chunk_id, errors)
 
-    async def _read_local(self, offset: int, length: int) -> Payload | None:
-        """The piece from the file of a replica on this host, if there is one and it reads
-        well; a writer's placement (a write token) is never read locally, as the replica
-        it is writing has changes its file's index does not show yet."""
+    async def _read_local(self, offset: int, length: int) -> tuple[Payload | None, str | None]:
+        """(the piece from the file of a replica on this host, if there is one and it
+        reads well; else the replica whose file did not read well, if any).  A writer's
+        placement (a write token) is never read locally, as the replica it is writing has
+        changes its file's index does not show yet."""
         placement = self.placement
         local = self._pool.local
         if local is None or placement.token.mode != AccessMode.READ:
-            return None
+            return None, None
         for address in placement.replicas:
             if address in self._bad:
                 continue
-            data = await local.read(
-                address, placement.chunk_id, placement.version, placement.token, offset, length
-            )
+            try:
+                data = await local.read(
+                    address, placement.chunk_id, placement.version, placement.token, offset, length
+                )
+            except LocalReadFailed:
+                return None, address
             if data is not None:
                 self.bytes_from[address] = self.bytes_from.get(address, 0) + len(data)
-                return data
-        return None
+                return data, None
+        return None, None
 
     def _stick(self, order: list[str]) -> list[str]:
         """Keep one replica for this reader while it is not much busier than the best:

@@ -9,9 +9,9 @@ then cost one process's CPU instead of two plus loopback TCP.
 descriptors it was given (at most :data:`OPEN_REPLICAS_MAX`, each until its token
 expires), and remembers for a while which addresses have no dataserver here.
 
-A local read that goes wrong in any way returns None, and the caller reads through the
-dataserver: a checksum mismatch seen here may be a writer's rename racing this read,
-so only the dataserver's own verification reports a replica as corrupt.
+A local read that goes wrong in any way is read again through that replica's dataserver:
+a checksum mismatch seen here may be a writer's rename racing this read, so only the
+dataserver's own verification reports a replica as corrupt.
 """
 
 from __future__ import annotations
@@ -216,10 +216,15 @@ class LocalReplicas:
         length: int,
     ) -> Payload | None:
         """The bytes, read from the file of the replica at ``address`` if it is on this
-        host; None if it is not, or if anything about the local read went wrong."""
+        host; None if it is not, if its dataserver refused (or the token has expired, as
+        its dataserver would refuse it). Raises :class:`LocalReadFailed` when the file
+        did not read well: the caller should read the piece through that dataserver, whose
+        verification tells a corrupt replica from a race with a writer."""
         key = (address, chunk_id, version)
         now = time.monotonic()
         if self._refused_until.get(key, 0.0) > now or self._not_local_until.get(address, 0.0) > now:
+            return None
+        if token.expires_at_s <= time.time():
             return None
         replica = await self._replica(key, token)
         if replica is None:
@@ -231,7 +236,7 @@ class LocalReplicas:
                 "chunk %#x v%d: local read of %s failed: %s", chunk_id, version, address, error
             )
             self._refuse(key)
-            return None
+            raise
         self.bytes_read += len(data)
         return data
 

@@ -258,11 +258,6 @@ async def test_replicated_files_read_back_byte_identical_from_the_replica_files(
 # ---------------------------------------------------------------- corruption
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="feature bug: a local checksum failure moves on to the next local replica, so"
-    " the corrupt replica is never read through its dataserver and never reported",
-)
 async def test_a_flipped_bit_in_the_local_replica_is_never_returned_and_is_reported(
     tmp_path: Path, rng: random.Random
 ) -> None:
