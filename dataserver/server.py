@@ -139,6 +139,9 @@ class Dataserver:
         self.active_writes = 0
         self.active_reads = 0
         self._replications = trio.Semaphore(REPLICATIONS_IN_FLIGHT_MAX)
+        self._replicating: dict[ChunkId, trio.Lock] = {}
+        """One copy of a chunk at a time: a second request (a drain's copy and an open
+        for write's top-up, say) waits and then finds the version already here."""
         self._peers: PeerConnections | None = None
         self.link: MetaserverLink | None = None
 
@@ -483,6 +486,17 @@ class Dataserver:
         The copy is staged under a temporary name and appears atomically.  An older local
         version is deleted first (it is stale whatever happens); an equal one is kept.
         """
+        lock = self._replicating.setdefault(chunk_id, trio.Lock())
+        try:
+            async with lock:
+                return await self._replicate_alone(chunk_id, version, source, token)
+        finally:
+            if not lock.locked() and self._replicating.get(chunk_id) is lock:
+                del self._replicating[chunk_id]
+
+    async def _replicate_alone(
+        self, chunk_id: ChunkId, version: ChunkVersion, source: str, token: ChunkToken
+    ) -> int:
         async with self._replications:
             try:
                 stored = await trio.to_thread.run_sync(self.store.stat, chunk_id)

@@ -36,6 +36,7 @@ from wire.cluster_ops import (
     ReplicateChunk,
     SendFullReport,
 )
+from wire.dataserver_ops import REPLICATE, ReplicateRequest
 from wire.errors import NOT_LEADER, RpcError
 from wire.rpc import CallContext, Handlers
 from wire.tokens import AccessMode
@@ -153,6 +154,33 @@ async def test_delete_and_replicate_commands_move_replicas(
             await cluster.replica_info(doomed.address, placement)
         assert caught.value.code == errno.ENOENT
         assert await file.read(0, len(data)) == data
+
+
+async def test_copies_of_one_chunk_asked_for_at_once_all_succeed(
+    tmp_path: Path, rng: random.Random
+) -> None:
+    """A drain's copy and an open for write's top-up can ask one server for the same
+    chunk at once: each gets the copy, none a "chunk already stored" error."""
+    async with running_cluster(tmp_path, count=4) as cluster:
+        cluster.meta.placement_order = [s.address for s in cluster.dataservers[:3]]
+        data = rng.randbytes(3 * CHUNK // 4)
+        file = PlacedFile(cluster.pool, CHUNK, cluster.meta)
+        await file.write(0, data)
+        placement = (await file.sync())[0]
+        spare = cluster.dataservers[3]
+        token = cluster.meta.token(placement.chunk_id, placement.version, AccessMode.READ)
+        lengths: list[int] = []
+
+        async def copy(source: str) -> None:
+            request = ReplicateRequest(placement.chunk_id, placement.version, source, token)
+            reply, _ = await cluster.pool.call(spare.address, REPLICATE, request)
+            lengths.append(reply.length_bytes)
+
+        async with trio.open_nursery() as nursery:
+            for source in [*placement.replicas, *placement.replicas]:
+                nursery.start_soon(copy, source)
+        assert lengths == [len(data)] * 6
+        assert await cluster.replica_bytes(spare.address, placement) == data
 
 
 async def test_a_restarted_dataserver_keeps_its_id_and_its_synced_replicas(
