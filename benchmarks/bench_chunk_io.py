@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -289,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                 f" {read.phase.mib_s:8,.0f} MiB/s"
                 f" ({read.disk_ratio:4.2f} x disk; disk before/after {before:,.0f}/{after:,.0f})"
             )
+        disk = statistics.median(mib_s for read in reads for mib_s in read.disk_mib_s)
+        local = statistics.median(read.phase.mib_s for read in reads[0::2])
+        remote = statistics.median(read.phase.mib_s for read in reads[1::2])
+        print(
+            f"replication {replication} medians       local {local:,.0f} ({local / disk:4.2f} x),"
+            f" remote {remote:,.0f} ({remote / disk:4.2f} x), disk {disk:,.0f} MiB/s"
+        )
     print("CPU ms per MiB          client   dataservers (each)")
     for replication, (write, reads) in results.items():
         phases = [("write", write)] + [
