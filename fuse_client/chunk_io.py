@@ -15,9 +15,10 @@ namespace itself after :meth:`ChunkWriter.sync`.
   not yet acknowledged.  :meth:`ChunkWriter.sync` returns once every replica has fsynced.
   A member whose incarnation changes between two replies restarted and may have lost
   unsynced writes: it is reported as failed too.
-* :class:`ChunkReader` reads from the least loaded replica, fails over to the next on an
-  error or a checksum mismatch (reported through ``on_corrupt``), and reads ahead when
-  reads are sequential.
+* :class:`ChunkReader` reads a replica on this host from its file when it holds a read
+  token (:mod:`fuse_client.local_replicas`), else from the least loaded replica; it fails
+  over to the next on an error or a checksum mismatch (reported through ``on_corrupt``),
+  and reads ahead when reads are sequential.
 * :class:`PlacedFile` strings chunks together into a file for tests and benchmarks.
 """
 
