@@ -44,13 +44,11 @@ import errno
 import logging
 import mmap
 import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeGuard
 
 import crc32c
-import zstandard
 
 from dataserver.chunk_errors import ChecksumError, InvalidRequest, NoSpace
 from dataserver.write_behind import WriteBehind
@@ -63,12 +61,16 @@ from wire.replica_format import (
     HEADER_BYTES,
     INDEX_OFFSET_BYTES,
     SLOT_COUNT,
+    BlockCodec,
     BlockEntry,
+    BlockMismatch,
     EntryCorrupt,
     Header,
     HeaderCorrupt,
     Layout,
     RawBlock,
+    block_content,
+    block_crc,
     decode_entry,
     decode_header,
     encode_entry,
@@ -80,9 +82,6 @@ _log = logging.getLogger(__name__)
 
 Failpoint = Callable[[str], None]
 """Called with a point name at crash-relevant steps; tests use it to crash the process."""
-
-COMPRESSION_LEVEL_DEFAULT = 1
-"""zstd level for new blocks: level 1 keeps compression near disk speed on one core."""
 
 _COMPRESSED_FRACTION_MAX_NUMERATOR = 15
 _COMPRESSED_FRACTION_MAX_DENOMINATOR = 16
@@ -107,16 +106,6 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
 
 
-def block_crc(data: bytes | bytearray | memoryview) -> int:
-    """CRC32C of one block's stored bytes (at most 64 KiB), keeping the GIL.
-
-    By default crc32c lets go of the GIL for 32 KiB and more: a thread checking a run of
-    blocks then had to win the GIL back after every block, each time waiting up to the
-    interpreter's switch interval while the event loop thread ran, which made a 4 MiB
-    read take many times its ~0.2 ms of checksum work."""
-    return crc32c.crc32c(data, gil_release_mode=0)
-
-
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     try:
@@ -128,30 +117,6 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"disk full: {exc.strerror}") from exc
         raise
-
-
-class BlockCodec:
-    """zstd for single blocks, with one (de)compressor per thread: zstandard's are not
-    thread-safe, and concurrent calls on different chunks run in different threads."""
-
-    def __init__(self, level: int = COMPRESSION_LEVEL_DEFAULT) -> None:
-        self._level = level
-        self._local = threading.local()
-
-    def compress(self, data: bytes | bytearray | memoryview) -> bytes:
-        compressor = getattr(self._local, "compressor", None)
-        if compressor is None:
-            compressor = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
-            self._local.compressor = compressor
-        return compressor.compress(data)
-
-    def decompress(self, payload: bytes | memoryview, data_len: int) -> bytes:
-        """Decompress a block; raise :class:`zstandard.ZstdError` if it is not a valid frame."""
-        decompressor = getattr(self._local, "decompressor", None)
-        if decompressor is None:
-            decompressor = zstandard.ZstdDecompressor()
-            self._local.decompressor = decompressor
-        return decompressor.decompress(payload, max_output_size=data_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,19 +406,10 @@ class ChunkFile:
         self, block: int, entry: BlockEntry, stored: bytes | memoryview
     ) -> bytes | memoryview:
         """Verify ``stored`` against ``entry`` and return the block's logical bytes."""
-        if len(stored) != entry.stored_len:
-            raise self._bad(block, "stored bytes are missing")
-        if block_crc(stored) != entry.crc:
-            raise self._bad(block, "checksum mismatch")
-        if not entry.compressed:
-            return stored
         try:
-            content = self._codec.decompress(stored, entry.data_len)
-        except zstandard.ZstdError as exc:
-            raise self._bad(block, f"stored bytes do not decompress: {exc}") from exc
-        if len(content) != entry.data_len:
-            raise self._bad(block, f"decompresses to {len(content)} bytes, not {entry.data_len}")
-        return content
+            return block_content(entry, stored, self._codec)
+        except BlockMismatch as exc:
+            raise self._bad(block, str(exc)) from exc
 
     def _bad(self, block: int, reason: str) -> ChecksumError:
         return ChecksumError(self.chunk_id, self.version, block, reason)
@@ -798,8 +754,4 @@ def _mapped_block_crcs(fd: int, start: int, span: int) -> list[int]:
 
 def _is_full_raw(entry: _Entry) -> TypeGuard[BlockEntry]:
     """A present, uncompressed, full block: readable in a run with its neighbours."""
-    return (
-        isinstance(entry, BlockEntry)
-        and not entry.compressed
-        and entry.data_len == BLOCK_SIZE_BYTES
-    )
+    return isinstance(entry, BlockEntry) and entry.is_full_raw

@@ -55,8 +55,6 @@ from dataserver.chunk_errors import (
     StoreInUse,
 )
 from dataserver.chunk_file import (
-    COMPRESSION_LEVEL_DEFAULT,
-    BlockCodec,
     ChunkFile,
     Failpoint,
     read_header,
@@ -66,7 +64,9 @@ from wire.ids import ChunkId, ChunkVersion
 from wire.invariant import InvariantViolation, invariant
 from wire.replica_format import (
     BLOCK_SIZE_BYTES,
+    COMPRESSION_LEVEL_DEFAULT,
     FORMAT_VERSION,
+    BlockCodec,
     FormatMismatch,
     HeaderCorrupt,
     RawBlock,

@@ -19,13 +19,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import time
 from collections import OrderedDict
 
-import crc32c
 import trio
-import zstandard
 
 from wire.errors import RpcError
 from wire.framing import PAYLOAD_BUFFERS, Payload
@@ -35,11 +32,15 @@ from wire.replica_format import (
     BLOCK_SIZE_BYTES,
     ENTRY_SIZE_BYTES,
     HEADER_BYTES,
+    BlockCodec,
     BlockEntry,
+    BlockMismatch,
     EntryCorrupt,
     FormatMismatch,
     HeaderCorrupt,
     Layout,
+    block_content,
+    block_crc,
     decode_entry,
     decode_header,
 )
@@ -82,7 +83,7 @@ class LocalReplica:
         in a worker thread; :class:`LocalReadFailed` when anything is not as it should be."""
         try:
             data = _read_replica(self._fd, offset, length)
-        except (OSError, EntryCorrupt, FormatMismatch, HeaderCorrupt, zstandard.ZstdError) as e:
+        except (OSError, EntryCorrupt, FormatMismatch, HeaderCorrupt) as e:
             raise LocalReadFailed(str(e)) from None
         # Checked after the read: a version is derived by renaming the file (before it is
         # written) and deleted by unlinking it, so the same name afterwards means the
@@ -115,17 +116,7 @@ class LocalReplica:
             self._fd = -1
 
 
-_decompressors = threading.local()
-
-
-def _decompress(stored: bytes, data_len: int) -> bytes:
-    decompressor = getattr(_decompressors, "decompressor", None)
-    if decompressor is None:
-        decompressor = _decompressors.decompressor = zstandard.ZstdDecompressor()
-    data = decompressor.decompress(stored, max_output_size=data_len)
-    if len(data) != data_len:
-        raise LocalReadFailed(f"a block decompresses to {len(data)} bytes, not {data_len}")
-    return data
+_CODEC = BlockCodec()
 
 
 def _read_replica(fd: int, offset: int, length: int) -> Payload:
@@ -149,48 +140,54 @@ def _read_replica(fd: int, offset: int, length: int) -> Payload:
     view = memoryview(buffer)
     position = 0
     while position < len(entries):
-        entry = entries[position]
-        block_start = position * BLOCK_SIZE_BYTES
-        if entry is None:
-            view[block_start : block_start + BLOCK_SIZE_BYTES] = bytes(BLOCK_SIZE_BYTES)
-            position += 1
-            continue
-        run = 1
-        if _is_full_raw(entry):
-            while (
-                position + run < len(entries)
-                and _is_full_raw(following := entries[position + run])
-                and following.slot == entry.slot
-            ):
-                run += 1
-            target = view[block_start : block_start + run * BLOCK_SIZE_BYTES]
-            slot_offset = layout.slot_offset(first + position, entry.slot)
-            if os.preadv(fd, [target], slot_offset) != len(target):
-                raise LocalReadFailed("the file ends inside a block")
-            for member, member_entry in enumerate(entries[position : position + run]):
-                lo = member * BLOCK_SIZE_BYTES
-                assert member_entry is not None
-                if crc32c.crc32c(target[lo : lo + BLOCK_SIZE_BYTES]) != member_entry.crc:
-                    raise LocalReadFailed(f"block {first + position + member}: checksum mismatch")
-        else:
-            stored = os.pread(
-                fd, entry.stored_len, layout.slot_offset(first + position, entry.slot)
-            )
-            if len(stored) != entry.stored_len or crc32c.crc32c(stored) != entry.crc:
-                raise LocalReadFailed(f"block {first + position}: checksum mismatch")
-            content = _decompress(stored, entry.data_len) if entry.compressed else stored
-            view[block_start : block_start + len(content)] = content
-            view[block_start + len(content) : block_start + BLOCK_SIZE_BYTES] = bytes(
-                BLOCK_SIZE_BYTES - len(content)
-            )
-        position += run
+        run = _run_at(entries, position)
+        target = view[position * BLOCK_SIZE_BYTES : (position + len(run)) * BLOCK_SIZE_BYTES]
+        _fill(fd, layout, first + position, run, target)
+        position += len(run)
     if offset == base and end - base == len(buffer):
         return buffer
     return view[offset - base : end - base]
 
 
-def _is_full_raw(entry: BlockEntry | None) -> bool:
-    return entry is not None and not entry.compressed and entry.data_len == BLOCK_SIZE_BYTES
+def _run_at(entries: list[BlockEntry | None], start: int) -> list[BlockEntry | None]:
+    """The entries read together from ``start``: whole uncompressed blocks that follow
+    each other in one slot region, or else the one block."""
+    entry = entries[start]
+    stop = start + 1
+    if entry is not None and entry.is_full_raw:
+        while stop < len(entries):
+            following = entries[stop]
+            if following is None or not following.is_full_raw or following.slot != entry.slot:
+                break
+            stop += 1
+    return entries[start:stop]
+
+
+def _fill(
+    fd: int, layout: Layout, block: int, run: list[BlockEntry | None], target: memoryview
+) -> None:
+    """Put the verified bytes of ``run`` (blocks from ``block`` on, as :func:`_run_at`
+    groups them) into ``target``."""
+    entry = run[0]
+    if entry is None:
+        target[:] = bytes(len(target))
+        return
+    offset = layout.slot_offset(block, entry.slot)
+    if entry.is_full_raw:
+        if os.preadv(fd, [target], offset) != len(target):
+            raise LocalReadFailed("the file ends inside a block")
+        for position, member in enumerate(run):
+            lo = position * BLOCK_SIZE_BYTES
+            assert member is not None
+            if block_crc(target[lo : lo + BLOCK_SIZE_BYTES]) != member.crc:
+                raise LocalReadFailed(f"block {block + position}: checksum mismatch")
+        return
+    try:
+        content = block_content(entry, os.pread(fd, entry.stored_len, offset), _CODEC)
+    except BlockMismatch as error:
+        raise LocalReadFailed(f"block {block}: {error}") from None
+    target[: len(content)] = content
+    target[len(content) :] = bytes(len(target) - len(content))
 
 
 class LocalReplicas:
@@ -240,17 +237,23 @@ class LocalReplicas:
         self.bytes_read += len(data)
         return data
 
-    async def _replica(self, key: _Key, token: ChunkToken) -> LocalReplica | None:
+    def _cached(self, key: _Key) -> LocalReplica | None:
         replica = self._open.get(key)
-        if replica is not None and replica.expires_at_s > time.time():
-            self._open.move_to_end(key)
+        if replica is None or replica.expires_at_s <= time.time():
+            return None
+        self._open.move_to_end(key)
+        return replica
+
+    async def _replica(self, key: _Key, token: ChunkToken) -> LocalReplica | None:
+        replica = self._cached(key)
+        if replica is not None:
             return replica
         address, chunk_id, version = key
         link = await self._link(address)
         if link is None:
             return None
-        replica = self._open.get(key)  # opened by another task while this one waited
-        if replica is not None and replica.expires_at_s > time.time():
+        replica = self._cached(key)  # opened by another task while this one waited
+        if replica is not None:
             return replica
         try:
             reply, fd = await link.open_replica(OpenReplicaRequest(chunk_id, version, token))

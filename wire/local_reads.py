@@ -233,9 +233,9 @@ async def _serve_connection(
 class LocalReadLink:
     """An authenticated connection to the dataserver of ``address`` on this host."""
 
-    def __init__(self, stream: trio.SocketStream, address: str) -> None:
+    def __init__(self, stream: trio.SocketStream, writer: FrameWriter, address: str) -> None:
         self._sock = stream.socket
-        self._writer = FrameWriter(stream)
+        self._writer = writer
         self.address = address
         self._lock = trio.Lock()
         self.closed = False
@@ -255,10 +255,10 @@ class LocalReadLink:
         stream = trio.SocketStream(sock)
         # The handshake's reader is dropped: replies carry descriptors, which only
         # recvmsg receives (a plain read would discard them).
-        _reader, _writer = await handshake_as_dialer(
+        _reader, writer = await handshake_as_dialer(
             stream, key, name, f"local dataserver {address}"
         )
-        return cls(stream, address)
+        return cls(stream, writer, address)
 
     async def open_replica(self, request: OpenReplicaRequest) -> tuple[OpenReplicaReply, int]:
         """The replica's reply and descriptor (the caller owns it); :class:`RpcError` with
